@@ -1,0 +1,23 @@
+"""msr: meta-learning symmetries by reparameterization (Zhou, Knowles & Finn, ICLR 2021).
+
+A layer stores its weight as vec(W) = U v; a MAML inner loop adapts v (and biases) per task,
+while the outer loop learns the sharing matrix U and the initial v.
+"""
+
+from msr import bases, groups
+from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
+from msr.maml import MAML, TaskBatch, partition_parameters
+from msr.norm import TaskBatchNorm
+
+__all__ = [
+    "MAML",
+    "MSRConv2d",
+    "MSRLinear",
+    "SymmetryLayer",
+    "TaskBatch",
+    "TaskBatchNorm",
+    "bases",
+    "groups",
+    "partition_parameters",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Scores of how well a learned sharing matrix U recovers a known symmetry.
+
+Compare spans, never entries: U v = (U R)(R^-1 v) for any invertible R, so only span(U) is
+identifiable. ``B`` is the true sharing basis (e.g. ``msr.bases.conv1d``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def orthonormal_basis(matrix: Tensor, rtol: float = 1e-6) -> Tensor:
+    """Orthonormal basis (columns) of the column span of ``matrix``, via SVD in float64."""
+    if matrix.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+    left, singular, _ = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    if singular.numel() == 0 or singular[0] == 0:
+        raise ValueError("the matrix is zero: its span is empty")
+    return left[:, singular > rtol * singular[0]]
+
+
+def principal_angles(U: Tensor, B: Tensor) -> Tensor:
+    """Principal angles (degrees, ascending) between span(U) and span(B)."""
+    if U.shape[0] != B.shape[0]:
+        raise ValueError(f"U and B must have the same rows, got {U.shape[0]} and {B.shape[0]}")
+    cosines = torch.linalg.svdvals(orthonormal_basis(U).T @ orthonormal_basis(B))
+    return torch.rad2deg(torch.arccos(cosines.clamp(-1.0, 1.0))).flip(0)
+
+
+def subspace_recall(U: Tensor, B: Tensor) -> float:
+    """Share of span(B) inside span(U): ||orth(U)^T orth(B)||_F^2 / rank(B), in [0, 1]."""
+    basis_b = orthonormal_basis(B)
+    overlap = orthonormal_basis(U).T @ basis_b
+    return float(overlap.pow(2).sum() / basis_b.shape[1])
+
+
+def equivariance_error(moved_input: Tensor, moved_output: Tensor) -> float:
+    """RMS(a - b) / (RMS(a) + RMS(b)) for a = f(g x), b = g f(x): ~1e-7 is exact, 1 is unrelated."""
+    if moved_input.shape != moved_output.shape:
+        raise ValueError(
+            f"shapes differ: {tuple(moved_input.shape)} vs {tuple(moved_output.shape)}"
+        )
+    a, b = moved_input.detach().double(), moved_output.detach().double()
+    denominator = _rms(a) + _rms(b)
+    return 0.0 if denominator == 0 else float(_rms(a - b) / denominator)
+
+
+def _rms(t: Tensor) -> Tensor:
+    return t.pow(2).mean().sqrt()
+
+
+def translation_equivariance_error(
+    weight: Tensor, shift: int = 1, samples: int = 256, seed: int = 0
+) -> float:
+    """Equivariance error of a 1-D 'valid' layer y = W x (W: out x in) under a shift of the input.
+
+    A convolution satisfies (W x')[p] = (W x)[p - shift] for x' = x shifted right by ``shift``,
+    at every output position where both sides are defined; W is scored there on random inputs.
+    """
+    out_length, in_length = weight.shape
+    if not 0 < shift < out_length:
+        raise ValueError(f"shift must be in [1, {out_length - 1}], got {shift}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, in_length, generator=generator, dtype=torch.float64)
+    w = weight.detach().double()
+    shifted = torch.roll(x, shift, dims=1)
+    return equivariance_error((shifted @ w.T)[:, shift:], (x @ w.T)[:, : out_length - shift])
+
+
+def energy_share(U: Tensor, B: Tensor) -> float:
+    """Share of U's squared Frobenius norm inside span(B): ||P_B U||_F^2 / ||U||_F^2."""
+    basis_b = orthonormal_basis(B)
+    u = U.detach().double()
+    return float((basis_b.T @ u).pow(2).sum() / u.pow(2).sum())

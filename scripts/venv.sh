@@ -1,0 +1,20 @@
+# Sourced by the other scripts: create or reuse .venv with torch==2.13.0 (CPU build here) and msr.
+# Torch is installed first and pinned so that no later install can pull a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.msr-installed"
+WANT="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$PY" ]; then
+    echo "[msr] creating $VENV" >&2
+    "${PYTHON:-python3.11}" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "[msr] installing torch==2.13.0 and msr[test] into $VENV" >&2
+    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+    "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" torch==2.13.0
+    echo "$WANT" > "$STAMP"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+cd "$ROOT"

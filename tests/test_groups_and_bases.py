@@ -1,0 +1,105 @@
+"""Exact group actions and fixed sharing bases."""
+
+import pytest
+import torch
+
+from msr import MSRConv2d, MSRLinear, bases
+from msr.groups import C4, D4, get_group
+from msr.symmetry import equivariance_error
+
+
+@pytest.mark.parametrize("group, order", [(C4, 4), (D4, 8)])
+def test_group_table_is_a_group(group, order):
+    assert group.order == order
+    table = group.cayley
+    assert torch.equal(table[0], torch.arange(order))  # identity on the left
+    for g in range(order):
+        assert sorted(table[g].tolist()) == list(range(order))  # Latin square
+        assert table[g, group.inverse[g]] == 0
+    x = torch.randn(2, 5, 5)
+    for g in range(order):
+        for h in range(order):
+            composed = group.transform(group.transform(x, h), g)
+            assert torch.equal(composed, group.transform(x, int(table[g, h])))
+
+
+def test_c4_generator_is_a_quarter_turn():
+    x = torch.arange(9.0).view(3, 3)
+    turns = [
+        group_elem
+        for group_elem in range(4)
+        if torch.equal(C4.transform(x, group_elem), torch.rot90(x, 1))
+    ]
+    assert len(turns) == 1
+
+
+def test_unknown_group_and_non_square_images():
+    with pytest.raises(ValueError, match="'c8'"):
+        get_group("c8")
+    with pytest.raises(ValueError, match="4x5"):
+        C4.transform(torch.zeros(4, 5), 1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        D4.act_regular(torch.zeros(1, 4, 3, 3), 1)
+
+
+def test_conv1d_basis_equals_nn_conv1d():
+    conv = torch.nn.Conv1d(1, 1, 3, bias=False).double()
+    layer = MSRLinear.from_basis(bases.conv1d(70, 3), 70, 68).double()
+    with torch.no_grad():
+        layer.v.copy_(conv.weight.flatten())
+    toeplitz = torch.zeros(68, 70, dtype=torch.float64)
+    for j in range(3):
+        toeplitz[torch.arange(68), torch.arange(68) + j] = conv.weight[0, 0, j]
+    assert torch.equal(layer.weight, toeplitz)  # the sharing is exact
+    x = torch.randn(16, 70, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x[:, None])[:, 0], rtol=0, atol=1e-12)
+
+
+def test_locally_connected_basis_gives_one_filter_per_position():
+    filters = torch.randn(68, 3, dtype=torch.float64)
+    layer = MSRLinear.from_basis(bases.locally_connected1d(70, 3), 70, 68).double()
+    with torch.no_grad():
+        layer.v.copy_(filters.flatten())
+    x = torch.randn(8, 70, dtype=torch.float64)
+    expected = (x.unfold(1, 3, 1) * filters).sum(-1)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
+def test_identity_basis_and_implicit_identity_agree():
+    explicit = MSRLinear.from_basis(bases.identity(12), 4, 3)
+    implicit = MSRLinear.fully_connected(4, 3)
+    with torch.no_grad():
+        implicit.v.copy_(explicit.v)
+    assert torch.equal(explicit.weight, implicit.weight)
+    assert implicit.U is None and not list(implicit.meta_parameters())
+
+
+@pytest.mark.parametrize("name", ["c4", "d4"])
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_group_conv_basis_gives_an_equivariant_layer(name, in_channels):
+    group = get_group(name)
+    basis = bases.group_conv2d(name, in_channels, filters=3, kernel_size=3)
+    out_channels = 3 * group.order
+    assert basis.shape == (out_channels * in_channels * 9, 3 * in_channels * 9)
+    assert torch.equal(basis.sum(0), torch.full((basis.shape[1],), float(group.order)))
+    layer = MSRConv2d.from_basis(basis, in_channels, out_channels, 3, bias=False)
+    x = torch.randn(4, in_channels, 16, 16)
+    for g in range(group.order):
+        moved_input = layer(group.transform(x, g))
+        moved_output = group.act_regular(layer(x), g)
+        assert equivariance_error(moved_input, moved_output) < 1e-6
+    plain = torch.nn.Conv2d(in_channels, out_channels, 3, bias=False)
+    assert (
+        equivariance_error(plain(group.transform(x, 1)), group.act_regular(plain(x), 1)) > 1e-2
+    )  # an unconstrained conv is not equivariant
+
+
+def test_basis_errors_name_the_value():
+    with pytest.raises(ValueError, match="kernel_size=9 is larger than in_length=5"):
+        bases.conv1d(5, 9)
+    with pytest.raises(ValueError, match="in_length must be a positive integer, got 0"):
+        bases.locally_connected1d(0, 3)
+    with pytest.raises(ValueError, match="filters must be a positive integer, got -1"):
+        bases.group_conv2d("c4", 1, -1, 3)
+    with pytest.raises(ValueError, match=r"shape \(12, 2\), got \(3, 2\)"):
+        MSRLinear.from_basis(torch.zeros(3, 2), 4, 3)

@@ -1,0 +1,213 @@
+"""The functional MAML engine against `higher`, finite differences and itself."""
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msr import MAML, MSRConv2d, MSRLinear, TaskBatch, TaskBatchNorm
+
+
+def _regression_tasks(num_tasks=4, n_support=3, n_query=5, dim=6, out=4):
+    x = torch.randn(num_tasks, n_support + n_query, dim, dtype=torch.float64)
+    w = torch.randn(num_tasks, dim, out, dtype=torch.float64)
+    y = x @ w
+    return TaskBatch(x[:, :n_support], y[:, :n_support], x[:, n_support:], y[:, n_support:])
+
+
+def _mlp():
+    return nn.Sequential(MSRLinear(6, 5, 7), nn.Tanh(), MSRLinear(5, 4, 3)).double()
+
+
+def _meta_grads(maml, tasks):
+    maml.zero_grad()
+    losses = maml.meta_backward(tasks)
+    grads = {n: p.grad.clone() for n, p in maml.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def _higher_meta_grads(maml, tasks):
+    """The reference: a per-task loop through higher's differentiable SGD."""
+    model = maml.model
+    fast = [dict(model.named_parameters())[n] for n in maml.fast_names]
+    inner_opt = torch.optim.SGD([{"params": [p]} for p in fast], lr=0.1)
+    lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
+    maml.zero_grad()
+    losses = []
+    for xs, ys, xq, yq in zip(*tasks, strict=True):
+        with higher.innerloop_ctx(
+            model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
+        ) as (fmodel, diffopt):
+            for _ in range(maml.inner_steps):
+                diffopt.step(maml.loss_fn(fmodel(xs), ys))
+            loss = maml.loss_fn(fmodel(xq), yq)
+            (loss / tasks.num_tasks).backward()
+            losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in maml.named_parameters() if p.grad is not None}
+    return torch.stack(losses), grads
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_meta_gradients_match_higher(batching, inner_steps):
+    maml = MAML(_mlp(), inner_steps=inner_steps, inner_lr=0.05, batching=batching)
+    tasks = _regression_tasks()
+    ours_loss, ours = _meta_grads(maml, tasks)
+    ref_loss, ref = _higher_meta_grads(maml, tasks)
+    torch.testing.assert_close(ours_loss, ref_loss, rtol=0, atol=1e-6)
+    assert ours.keys() == ref.keys()
+    assert {"model.0.U", "model.2.U", "inner_lrs.0__v"} <= ours.keys()
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_outer_gradient_wrt_U_matches_finite_differences():
+    maml = MAML(nn.Sequential(MSRLinear(6, 4, 3)).double(), inner_steps=2, inner_lr=0.05)
+    tasks = _regression_tasks()
+    U = maml.model[0].U
+
+    def meta_loss(u):
+        with torch.no_grad():
+            U.copy_(u)
+        state, lrs = maml._state(detach=False)
+        state["0.U"] = u
+        return torch.stack(
+            [maml._query(state, lrs, *tasks.task(i), {})["loss"] for i in range(tasks.num_tasks)]
+        ).mean()
+
+    u0 = U.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(meta_loss, (u0,), eps=1e-6, atol=1e-6)
+
+
+def test_first_order_drops_only_second_order_terms():
+    maml = MAML(nn.Sequential(MSRLinear(6, 4, 3)).double(), first_order=True, inner_lr=0.05)
+    tasks = _regression_tasks(num_tasks=1)
+    _, grads = _meta_grads(maml, tasks)
+    # By hand: adapt, then take the query gradient at the adapted point as the meta-gradient.
+    layer = maml.model[0]
+    xs, ys, xq, yq = tasks.task(0)
+    v = layer.v.detach().clone().requires_grad_(True)
+    U = layer.U.detach().clone().requires_grad_(True)
+    support = F.mse_loss(F.linear(xs, (U @ v).view(4, 6), layer.bias), ys)
+    g_v, g_b = torch.autograd.grad(support, (v, layer.bias))
+    lr = maml.inner_lrs["0__v"].detach()
+    v1 = (v - lr * g_v).detach().requires_grad_(True)
+    b1 = (layer.bias - lr * g_b).detach().requires_grad_(True)
+    query = F.mse_loss(F.linear(xq, (U @ v1).view(4, 6), b1), yq)
+    dv, dU, db = torch.autograd.grad(query, (v1, U, b1))
+    torch.testing.assert_close(grads["model.0.v"], dv)
+    torch.testing.assert_close(grads["model.0.U"], dU)
+    torch.testing.assert_close(grads["model.0.bias"], db)
+    # The learned lr still gets its first-order gradient through the update v1 = v - lr g.
+    torch.testing.assert_close(grads["inner_lrs.0__v"], -(dv @ g_v))
+    torch.testing.assert_close(grads["inner_lrs.0__bias"], -(db @ g_b))
+
+
+def _conv_bn_net(norm=TaskBatchNorm):
+    return nn.Sequential(
+        MSRConv2d(1, 4, 3, padding=1),
+        norm(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
+    ).double()
+
+
+def _classification_tasks():
+    x = torch.randn(3, 8, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 8))
+    return TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+
+
+def test_vmap_loop_and_higher_agree_on_a_conv_net_with_batchnorm():
+    tasks = _classification_tasks()
+    vmapped = MAML(_conv_bn_net(), F.cross_entropy, inner_steps=2, batching="vmap")
+    looped = MAML(_conv_bn_net(), F.cross_entropy, inner_steps=2, batching="loop")
+    looped.load_state_dict(vmapped.state_dict())
+    loss_v, grads_v = _meta_grads(vmapped, tasks)
+    loss_l, grads_l = _meta_grads(looped, tasks)
+    loss_h, grads_h = _higher_meta_grads(looped, tasks)
+    torch.testing.assert_close(loss_v, loss_l, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_h, loss_l, rtol=0, atol=1e-6)
+    assert grads_v.keys() == grads_l.keys() == grads_h.keys()
+    assert "model.0.U_kernel" in grads_v
+    for name in grads_v:
+        torch.testing.assert_close(grads_v[name], grads_l[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_h[name], grads_l[name], rtol=0, atol=1e-6, msg=name)
+    accuracy = {"accuracy": lambda logits, target: (logits.argmax(-1) == target).double().mean()}
+    eval_v = vmapped.evaluate(tasks, accuracy)
+    eval_l = looped.evaluate(tasks, accuracy)
+    for key in ("loss", "accuracy"):
+        torch.testing.assert_close(eval_v[key], eval_l[key], rtol=0, atol=1e-6)
+
+
+def test_torch_batchnorm_runs_on_the_loop_path_only():
+    bn_net = _conv_bn_net(lambda c: nn.BatchNorm2d(c, track_running_stats=False))
+    with pytest.raises(ValueError, match="wrong under vmap"):
+        MAML(bn_net, F.cross_entropy)
+    looped = MAML(bn_net, F.cross_entropy, batching="loop")
+    tasks = _classification_tasks()
+    _loss_l, grads_l = _meta_grads(looped, tasks)
+    _loss_h, grads_h = _higher_meta_grads(looped, tasks)
+    for name in grads_h:
+        torch.testing.assert_close(grads_l[name], grads_h[name], rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="wrong under vmap"):
+        looped.batching = "vmap"
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        MAML(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), batching="loop")
+
+
+def test_evaluate_matches_training_losses_and_keeps_no_graph():
+    maml = MAML(_mlp())
+    tasks = _regression_tasks()
+    losses, _ = _meta_grads(maml, tasks)
+    maml.zero_grad()
+    scores = maml.evaluate(tasks, chunk_size=3)
+    torch.testing.assert_close(scores["loss"], losses)
+    assert not scores["loss"].requires_grad
+    assert all(p.grad is None for p in maml.parameters())
+
+
+def test_adapt_returns_an_adapted_copy_and_leaves_the_model_alone():
+    maml = MAML(_mlp(), inner_steps=2)
+    xs, ys, xq, yq = _regression_tasks(num_tasks=1).task(0)
+    before = {n: p.detach().clone() for n, p in maml.model.named_parameters()}
+    adapted = maml.adapt(xs, ys)
+    assert F.mse_loss(adapted(xs), ys) < F.mse_loss(maml.model(xs), ys)
+    for name, param in maml.model.named_parameters():
+        assert torch.equal(param, before[name])
+    assert torch.equal(adapted[0].U, maml.model[0].U)  # the symmetry is not adapted
+    expected = maml.evaluate(TaskBatch(xs[None], ys[None], xq[None], yq[None]))["loss"][0]
+    torch.testing.assert_close(F.mse_loss(adapted(xq), yq), expected)
+
+
+def test_fixed_inner_lr_and_custom_fast_set():
+    maml = MAML(_mlp(), learn_inner_lr=False, fast_parameters=["2.v", "2.bias"])
+    assert maml.fast_names == ("2.v", "2.bias")
+    assert all(not p.requires_grad for p in maml.inner_lrs.parameters())
+    _, grads = _meta_grads(maml, _regression_tasks())
+    assert not any(n.startswith("inner_lrs") for n in grads)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"inner_steps": -1}, "inner_steps must be a non-negative integer, got -1"),
+        ({"inner_lr": 0.0}, "inner_lr must be positive, got 0.0"),
+        ({"batching": "pmap"}, "batching must be 'vmap' or 'loop', got 'pmap'"),
+        ({"fast_parameters": ["0.U"]}, r"fast_parameters \['0.U'\] are not adaptable"),
+    ],
+)
+def test_bad_engine_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MAML(_mlp(), **kwargs)
+
+
+def test_bad_task_batches():
+    maml = MAML(_mlp())
+    xs, ys, xq, yq = _regression_tasks()
+    with pytest.raises(ValueError, match=r"same leading task dimension, got \[4, 4, 3, 4\]"):
+        maml.meta_backward(TaskBatch(xs, ys, xq[:3], yq))
+    with pytest.raises(ValueError, match="got 3"):
+        maml.evaluate((xs, ys, xq))
