@@ -1,0 +1,93 @@
+"""Pieces every experiment driver shares: statistics, provenance, and files written safely."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import scipy.stats
+import torch
+from torch import Tensor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t confidence interval over independent values."""
+    values = values.detach().double().flatten()
+    count = values.numel()
+    if count < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {count}")
+    sem = values.std(unbiased=True).item() / math.sqrt(count)
+    return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
+
+
+def git_sha() -> str:
+    """The commit this code runs from ('-dirty' if tracked files changed; 'unknown' outside git)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def provenance(seed: int, preset: str) -> dict[str, Any]:
+    """The fields every results.json carries."""
+    return {
+        "seed": seed,
+        "preset": preset,
+        "torch_version": torch.__version__,
+        "git_sha": git_sha(),
+    }
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsLog:
+    """Append-only JSON-lines log, flushed after every record so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._stream = path.open("a")
+
+    def write(self, **record: Any) -> None:
+        self._stream.write(json.dumps(record) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

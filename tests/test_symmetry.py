@@ -1,0 +1,50 @@
+"""Symmetry-recovery scores on spans with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from msr import bases
+from msr.symmetry import (
+    energy_share,
+    equivariance_error,
+    principal_angles,
+    subspace_recall,
+    translation_equivariance_error,
+)
+
+
+def test_scores_ignore_the_basis_within_a_span():
+    B = bases.conv1d(12, 3).double()
+    mixed = B @ torch.randn(3, 3, dtype=torch.float64)  # same span, other coordinates
+    assert principal_angles(mixed, B).max() < 1e-5
+    assert subspace_recall(mixed, B) == pytest.approx(1.0)
+    assert energy_share(mixed, B) == pytest.approx(1.0)
+
+
+def test_scores_of_orthogonal_and_partial_spans():
+    e = torch.eye(6, dtype=torch.float64)
+    assert principal_angles(e[:, :2], e[:, 2:4]).tolist() == pytest.approx([90.0, 90.0])
+    assert subspace_recall(e[:, :3], e[:, 1:5]) == pytest.approx(0.5)  # 2 of 4 directions
+    tilted = (e[:, 0] + e[:, 1]).unsqueeze(1)
+    assert principal_angles(tilted, e[:, :1]).item() == pytest.approx(45.0)
+    assert energy_share(tilted, e[:, :1]) == pytest.approx(0.5)
+
+
+def test_translation_equivariance_error_separates_conv_from_random():
+    conv = (bases.conv1d(20, 3) @ torch.randn(3)).view(18, 20)
+    assert translation_equivariance_error(conv) < 1e-12
+    assert translation_equivariance_error(torch.randn(18, 20)) > 0.3
+    with pytest.raises(ValueError, match=r"\[1, 17\], got 18"):
+        translation_equivariance_error(conv, shift=18)
+
+
+def test_equivariance_error_scale():
+    a = torch.randn(100)
+    assert equivariance_error(a, a) == 0.0
+    assert equivariance_error(a, -a) == pytest.approx(1.0)
+    assert equivariance_error(a, torch.zeros(100)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        equivariance_error(a, a[:3])
+    assert math.isclose(equivariance_error(torch.zeros(3), torch.zeros(3)), 0.0)

@@ -1,0 +1,78 @@
+"""End to end: the Table 1 driver through its command line, on the tiny preset."""
+
+import json
+import subprocess
+import sys
+
+from experiments.common import REPO_ROOT
+from experiments.synthetic import METHODS, PAPER_TABLE1
+
+RUN_FIELDS = {"method", "k", "mse", "ci95", "paper_mse", "paper_ci95", "steps", "wall_s"}
+
+
+def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.synthetic",
+        "--preset",
+        "tiny",
+        "--methods",
+        "MAML-Conv",
+        "MSR-FC",
+        "--k",
+        "1",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| MSR-FC |" in done.stdout and "(0.18 ± 0.03)" in done.stdout
+    assert "largest principal angle" in done.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 3 and results["preset"] == "tiny"
+    assert results["torch_version"].startswith("2.13.0") and results["git_sha"]
+    runs = {(r["method"], r["k"]): r for r in results["runs"]}
+    assert set(runs) == {(m, k) for m in ("MAML-Conv", "MSR-FC") for k in (1, 2)}
+    for (method, k), run in runs.items():
+        assert run.keys() >= RUN_FIELDS
+        assert run["paper_mse"] == PAPER_TABLE1[method][k][0]
+        assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0
+        assert ("symmetry" in run) == (method == "MSR-FC")
+        assert (out / f"U_{method}_k{k}.png").stat().st_size > 10_000
+    symmetry = runs[("MSR-FC", 1)]["symmetry"]
+    assert 0 <= symmetry["recall"] <= 1 and 0 <= symmetry["max_principal_angle_deg"] <= 90
+    assert symmetry["translation_equivariance_error"] > 0
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["k"], r["step"]) for r in records][:2] == [
+        ("MAML-Conv", 1, 3),
+        ("MAML-Conv", 1, 6),
+    ]
+    assert len(records) == 8 and all(r["test_mse"] > 0 for r in records)
+    assert records[-1]["test_mse"] == runs[("MSR-FC", 2)]["mse"]
+
+
+def test_cli_rejects_unknown_method(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.synthetic",
+            "--methods",
+            "MAML-XL",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "invalid choice: 'MAML-XL'" in done.stderr
+    assert set(METHODS) <= set(done.stderr.replace("'", " ").replace(",", " ").split())
