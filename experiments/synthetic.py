@@ -12,18 +12,24 @@ table beside the paper's numbers. Data, models and protocol: ``shared/reference/
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from experiments.common import MetricsLog, mean_ci95, provenance, write_json_atomic
+from experiments.common import MetricsLog
 from experiments.figures import plot_sharing
+from experiments.training import (
+    TrainConfig,
+    add_run_arguments,
+    build_maml,
+    meta_train,
+    resolve_config,
+    run_jobs,
+)
 from msr import MAML, MSRLinear, TaskBatch, bases
 from msr.symmetry import principal_angles, subspace_recall, translation_equivariance_error
 from synthetic.translation1d import RANKS, Translation1D
@@ -40,29 +46,13 @@ PAPER_TABLE1: dict[str, dict[int, tuple[float, float]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
-    """One preset of the protocol (1 inner SGD step, learned inner lr, Adam outer loop)."""
-
-    steps: int
-    eval_every: int
-    test_tasks: int = 300
-    meta_batch: int = 32
-    support: int = 1
-    outer_lr: float = 1e-3
-    final_lr_fraction: float = 1.0  # cosine decay of the outer lr to this fraction; 1 = constant
-    inner_lr: float = 0.1
-    inner_steps: int = 1
-    batching: str = "vmap"
-
-
 PRESETS = {
     # the paper's protocol, run long enough to converge (1,000 steps is not), lr annealed at the end
-    "paper": Config(steps=8000, eval_every=500, final_lr_fraction=0.01),
+    "paper": TrainConfig(steps=8000, eval_every=500, final_lr_fraction=0.01),
     # the README's main job: the same protocol, shorter
-    "quick": Config(steps=1500, eval_every=500),
+    "quick": TrainConfig(steps=1500, eval_every=500),
     # for the end-to-end test only
-    "tiny": Config(steps=6, eval_every=3, test_tasks=10, meta_batch=4),
+    "tiny": TrainConfig(steps=6, eval_every=3, test_tasks=10, meta_batch=4),
 }
 
 
@@ -99,7 +89,7 @@ def symmetry_scores(
 def run_one(
     method: str,
     k: int,
-    cfg: Config,
+    cfg: TrainConfig,
     seed: int,
     out: Path,
     log: MetricsLog,
@@ -109,36 +99,8 @@ def run_one(
     torch.manual_seed(seed)
     data = Translation1D(k, seed=seed)
     test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
-    maml = MAML(
-        build_model(method, k, data),
-        inner_steps=cfg.inner_steps,
-        inner_lr=cfg.inner_lr,
-        batching=cfg.batching,  # type: ignore[arg-type]
-    )
-    optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.outer_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, cfg.steps, eta_min=cfg.outer_lr * cfg.final_lr_fraction
-    )
-    sampler = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        optimizer.zero_grad()
-        train_loss = maml.meta_backward(data.sample_train(cfg.meta_batch, sampler)).mean()
-        optimizer.step()
-        schedule.step()
-        advance(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            mse, ci95 = mean_ci95(maml.evaluate(test)["loss"])
-            log.write(
-                method=method,
-                k=k,
-                step=step,
-                train_loss=train_loss.item(),
-                test_mse=mse,
-                test_ci95=ci95,
-                elapsed_s=time.perf_counter() - start,
-            )
-    wall = time.perf_counter() - start
+    maml = build_maml(build_model(method, k, data), cfg)
+    mse, ci95, wall = meta_train(maml, data, test, cfg, seed, log, advance, method=method, k=k)
     paper_mse, paper_ci95 = PAPER_TABLE1[method][k]
     entry: dict[str, Any] = {
         "method": method,
@@ -198,42 +160,17 @@ def recovery_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--k", nargs="+", type=int, choices=RANKS, default=list(RANKS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=int, help="override the preset's outer steps")
-    parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
+    add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
-    cfg = PRESETS[args.preset]
-    if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps must be positive, got {args.steps}")
-        cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
-    if args.batching is not None:
-        cfg = replace(cfg, batching=args.batching)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.jsonl").unlink(missing_ok=True)
-
-    results: dict[str, Any] = {
-        **provenance(args.seed, args.preset),
-        "config": asdict(cfg),
-        "runs": [],
-    }
-    jobs = [(m, k) for k in args.k for m in args.methods]
-    start = time.perf_counter()
-    with (
-        MetricsLog(args.out / "metrics.jsonl") as log,
-        tqdm(total=len(jobs) * cfg.steps, desc="meta-training", unit="step") as bar,
-    ):
-        for method, k in jobs:
-            bar.set_postfix_str(f"{method} k={k}")
-            results["runs"].append(run_one(method, k, cfg, args.seed, args.out, log, bar.update))
-            write_json_atomic(args.out / "results.json", results)  # partial results survive
-    results["wall_s"] = time.perf_counter() - start
-    write_json_atomic(args.out / "results.json", results)
-
+    cfg = resolve_config(parser, args, PRESETS)
+    jobs = [
+        (f"{method} k={k}", functools.partial(run_one, method, k, cfg, args.seed, args.out))
+        for k in args.k
+        for method in args.methods
+    ]
+    results = run_jobs(jobs, cfg, args)
     print(
         f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
         f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps, "
