@@ -121,6 +121,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
+    parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
 
 
 def resolve_config(
@@ -134,4 +135,8 @@ def resolve_config(
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
     if args.batching is not None:
         cfg = replace(cfg, batching=args.batching)
+    if args.inner_lr is not None:
+        if not args.inner_lr > 0:
+            parser.error(f"--inner-lr must be positive, got {args.inner_lr}")
+        cfg = replace(cfg, inner_lr=args.inner_lr)
     return cfg
