@@ -5,17 +5,22 @@ while the outer loop learns the sharing matrix U and the initial v.
 """
 
 from msr import bases, groups
+from msr.episodic import EpisodicLearner, TaskBatch, accuracy
 from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
-from msr.maml import MAML, TaskBatch, partition_parameters
+from msr.maml import MAML, partition_parameters
 from msr.norm import TaskBatchNorm
+from msr.protonet import ProtoNet
 
 __all__ = [
     "MAML",
+    "EpisodicLearner",
     "MSRConv2d",
     "MSRLinear",
+    "ProtoNet",
     "SymmetryLayer",
     "TaskBatch",
     "TaskBatchNorm",
+    "accuracy",
     "bases",
     "groups",
     "partition_parameters",

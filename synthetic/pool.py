@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from msr.maml import TaskBatch
+from msr.episodic import TaskBatch
 from msr.validation import check_positive_int
 
 

@@ -73,7 +73,7 @@ def test_outer_gradient_wrt_U_matches_finite_differences():
         state, lrs = maml._state(detach=False)
         state["0.U"] = u
         return torch.stack(
-            [maml._query(state, lrs, *tasks.task(i), {})["loss"] for i in range(tasks.num_tasks)]
+            [maml._query((state, lrs), *tasks.task(i), {})["loss"] for i in range(tasks.num_tasks)]
         ).mean()
 
     u0 = U.detach().clone().requires_grad_(True)

@@ -1,0 +1,168 @@
+"""Episodic meta-learners: a meta-batch of tasks, run vmapped or per task, with one interface.
+
+A learner defines a pure per-task function ``_query(state, x_support, y_support, x_query,
+y_query, metrics)`` of its (possibly detached) ``state``; this base class runs it over a
+meta-batch, either as one ``vmap``-ed computation or as a loop that backpropagates after each
+task, for training (``meta_backward``) and for scoring (``evaluate``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batching = Literal["vmap", "loop"]
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch: every tensor has the task index as its leading dimension."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_support.shape[0]
+
+    def task(self, index: int) -> TaskBatch:
+        """The single task ``index`` (no task dimension)."""
+        return TaskBatch(*(t[index] for t in self))
+
+
+class EpisodicLearner(nn.Module):
+    """Base class: ``model`` is the network, ``batching`` how a meta-batch runs."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batching: Batching) -> None:
+        super().__init__()
+        for name, module in model.named_modules():
+            if isinstance(module, _BatchNorm) and module.track_running_stats:
+                raise ValueError(
+                    f"{name} ({module}) tracks running statistics; a meta-model's BatchNorm must "
+                    "use track_running_stats=False (or msr.TaskBatchNorm)"
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batching = batching
+
+    @property
+    def batching(self) -> Batching:
+        """How a meta-batch runs: ``"vmap"`` (one batched computation) or ``"loop"`` (per task)."""
+        return self._batching
+
+    @batching.setter
+    def batching(self, value: Batching) -> None:
+        if value not in ("vmap", "loop"):
+            raise ValueError(f"batching must be 'vmap' or 'loop', got {value!r}")
+        if value == "vmap":
+            for name, module in self.model.named_modules():
+                if isinstance(module, _BatchNorm):
+                    raise ValueError(
+                        f"{name} is a torch BatchNorm, whose second-order gradients are wrong "
+                        "under vmap in torch 2.13; use msr.TaskBatchNorm or batching='loop'"
+                    )
+        self._batching = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The unadapted model (the meta-learned initialization)."""
+        return self.model(x)
+
+    def _model_state(self, detach: bool) -> dict[str, Tensor]:
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        return {n: t.detach() for n, t in state.items()} if detach else state
+
+    def _state(self, detach: bool) -> Any:
+        """Every tensor the per-task function reads (a pytree); detached for scoring."""
+        raise NotImplementedError
+
+    def _query(
+        self,
+        state: Any,
+        x_support: Tensor,
+        y_support: Tensor,
+        x_query: Tensor,
+        y_query: Tensor,
+        metrics: Mapping[str, LossFn],
+    ) -> dict[str, Tensor]:
+        """One task's query ``"loss"`` and extra metrics; pure in ``state`` and the task."""
+        raise NotImplementedError
+
+    def _scores(
+        self, prediction: Tensor, target: Tensor, metrics: Mapping[str, LossFn]
+    ) -> dict[str, Tensor]:
+        """The training ``"loss"`` and each extra metric of one task's query predictions."""
+        out = {"loss": self.loss_fn(prediction, target)}
+        out.update({name: fn(prediction, target) for name, fn in metrics.items()})
+        return out
+
+    def _run(
+        self, tasks: TaskBatch, detach: bool, metrics: Mapping[str, LossFn], chunk_size: int | None
+    ) -> dict[str, Tensor]:
+        query = functools.partial(self._query, metrics=metrics)
+        per_task = vmap(query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)
+        return per_task(self._state(detach), *tasks)
+
+    def meta_backward(self, tasks: TaskBatch) -> Tensor:
+        """Accumulate the meta-gradient of the mean query loss into ``.grad``; return task losses.
+
+        Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` after, as usual.
+        """
+        tasks = check_tasks(tasks)
+        if self.batching == "vmap":
+            losses = self._run(tasks, detach=False, metrics={}, chunk_size=None)["loss"]
+            losses.mean().backward()
+            return losses.detach()
+        losses = []
+        for index in range(tasks.num_tasks):
+            loss = self._query(self._state(detach=False), *tasks.task(index), {})["loss"]
+            (loss / tasks.num_tasks).backward()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def evaluate(
+        self,
+        tasks: TaskBatch,
+        metrics: Mapping[str, LossFn] | None = None,
+        chunk_size: int | None = 64,
+    ) -> dict[str, Tensor]:
+        """Score each task's query set after its support set; no meta-gradient is kept.
+
+        Returns per-task tensors: ``"loss"`` and one entry per extra metric ``fn(pred, target)``
+        (metrics must be written with vmap-able torch ops, e.g. accuracy via ``argmax``).
+        """
+        tasks = check_tasks(tasks)
+        metrics = dict(metrics or {})
+        if "loss" in metrics:
+            raise ValueError("metric name 'loss' is reserved for the training loss")
+        if self.batching == "vmap":
+            with torch.no_grad():
+                return self._run(tasks, detach=True, metrics=metrics, chunk_size=chunk_size)
+        state = self._state(detach=True)
+        rows = [self._query(state, *tasks.task(i), metrics) for i in range(tasks.num_tasks)]
+        return {k: torch.stack([r[k].detach() for r in rows]) for k in rows[0]}
+
+
+def accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Share of correct argmax predictions (a vmap-able metric for ``evaluate``)."""
+    return (logits.argmax(-1) == target).to(logits.dtype).mean()
+
+
+def check_tasks(tasks: TaskBatch | tuple[Tensor, ...]) -> TaskBatch:
+    """A ``TaskBatch`` whose four tensors share one non-empty leading task dimension."""
+    if len(tasks) != 4:
+        raise ValueError(
+            f"tasks must be (x_support, y_support, x_query, y_query), got {len(tasks)} tensors"
+        )
+    tasks = TaskBatch(*tasks)
+    sizes = [t.shape[0] if t.dim() else None for t in tasks]
+    if sizes[0] is None or sizes[0] < 1 or len(set(sizes)) != 1:
+        raise ValueError(f"all task tensors need the same leading task dimension, got {sizes}")
+    return tasks

@@ -1,0 +1,50 @@
+"""Prototypical networks (Snell et al., 2017) on the same episodic interface as ``MAML``.
+
+Each class's prototype is the mean embedding of its support examples; a query is classified by
+softmax over negative squared Euclidean distances to the prototypes. There is no inner loop: the
+whole encoder is meta-learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from msr.episodic import Batching, EpisodicLearner, LossFn
+from msr.validation import check_positive_int
+
+
+class ProtoNet(EpisodicLearner):
+    """A ``ways``-way prototypical classifier over ``encoder``'s embeddings (N, D)."""
+
+    def __init__(self, encoder: nn.Module, ways: int, batching: Batching = "vmap") -> None:
+        super().__init__(encoder, F.cross_entropy, batching)
+        self.ways = check_positive_int("ways", ways)
+
+    def _state(self, detach: bool) -> dict[str, Tensor]:
+        return self._model_state(detach)
+
+    def logits(
+        self, state: dict[str, Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor
+    ) -> Tensor:
+        """Negative squared distances of query embeddings to the class prototypes."""
+        support = functional_call(self.model, state, (x_support,)).flatten(1)
+        query = functional_call(self.model, state, (x_query,)).flatten(1)
+        one_hot = F.one_hot(y_support, self.ways).to(support.dtype)  # (N_s, ways)
+        prototypes = (one_hot.T @ support) / one_hot.sum(0).unsqueeze(1)
+        return -(query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+    def _query(
+        self,
+        state: dict[str, Tensor],
+        x_support: Tensor,
+        y_support: Tensor,
+        x_query: Tensor,
+        y_query: Tensor,
+        metrics: Mapping[str, LossFn],
+    ) -> dict[str, Tensor]:
+        logits = self.logits(state, x_support, y_support, x_query)
+        return self._scores(logits, y_query, metrics)
