@@ -9,6 +9,7 @@ rotation (0, 90, 180, 270 degrees) is its own class. Images are returned with in
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +93,11 @@ def _npz_characters(path: Path, image_size: int) -> dict[str, tuple[str, Tensor]
         raise FileNotFoundError(f"Omniglot array file not found: {path}")
     try:
         data = np.load(path)
+        missing = [key for key in NPZ_KEYS if key not in data.files]
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {missing}")
         arrays = {key: data[key] for key in NPZ_KEYS}
-    except KeyError as error:
-        raise ValueError(f"{path} lacks the array {error}") from error
-    except (OSError, ValueError) as error:
+    except (OSError, zipfile.BadZipFile) as error:
         raise ValueError(f"cannot read {path}: {error}") from error
     images = 1.0 - torch.from_numpy(arrays["images"]).float().unsqueeze(2) / 255.0
     names = arrays["alphabet_names"]

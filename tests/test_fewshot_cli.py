@@ -1,0 +1,63 @@
+"""End to end: the few-shot driver on real Omniglot, tiny preset, with checkpoints and resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments.common import REPO_ROOT
+from experiments.few_shot import METHODS, PRESETS, build_learner, count_parameters
+
+
+def _run(*args, check=True):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.few_shot", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    done = _run("--method", "msr", "--preset", "tiny", "--out", whole)
+    assert "msr on Aug-omniglot 5-way 1-shot" in done.stdout and "paper 95.3" in done.stdout
+    _run("--method", "msr", "--preset", "tiny", "--steps", "2", "--out", parts)
+    refused = _run("--method", "msr", "--preset", "tiny", "--out", parts, check=False)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    _run("--method", "msr", "--preset", "tiny", "--resume", "--out", parts)
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((parts / "results.json").read_text())
+    assert a["accuracy"] == b["accuracy"] and a["ci95"] == b["ci95"]
+    assert a["paper_accuracy"] == 95.3 and a["chance"] == 20.0 and a["steps"] == 4
+    assert a["test_tasks"] == 4 and a["torch_version"].startswith("2.13.0")
+    lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert (whole / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "msr"])
+def test_every_method_trains_through_the_cli(tmp_path, method):
+    done = _run("--method", method, "--preset", "tiny", "--ways", "3", "--out", tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["method"] == method and result["ways"] == 3
+    assert result["paper_accuracy"] is None  # the paper has no 3-way column
+    assert 0 <= result["accuracy"] <= 100 and "paper n/a" in done.stdout
+
+
+def test_maml_big_has_at_least_msrs_meta_parameters():
+    cfg = PRESETS["omniglot"]["cpu"]
+    big = count_parameters(build_learner("maml-big", 1, 5, cfg))
+    msr = count_parameters(build_learner("msr", 1, 5, cfg))
+    plain = count_parameters(build_learner("maml", 1, 5, cfg))
+    assert plain < msr <= big < msr * 1.1
+
+
+def test_miniimagenet_needs_a_data_path(tmp_path):
+    done = _run("--dataset", "miniimagenet", "--method", "maml", "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "--data is required for miniimagenet" in done.stderr
