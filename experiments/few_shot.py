@@ -14,6 +14,7 @@ DIR/results.json with the test accuracy ± 95% CI beside the paper's number.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -195,6 +196,15 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the log lines a killed run wrote after its last checkpoint (they will be redone)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def evaluate(
     learner: EpisodicLearner,
     tasks_source: Callable[[int], TaskBatch],
@@ -255,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
         first_step, elapsed = state["step"] + 1, state["elapsed_s"]
+        drop_metrics_after(args.out / "metrics.jsonl", state["step"])
     else:
         (args.out / "metrics.jsonl").unlink(missing_ok=True)
 

@@ -30,6 +30,7 @@ from experiments.training import (
     meta_train,
     resolve_config,
     run_jobs,
+    setup_distributed,
 )
 from msr import MAML, MSRConv2d, TaskBatch
 from msr.symmetry import energy_share, equivariance_error, principal_angles
@@ -145,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     cfg = resolve_config(parser, args, PRESETS)
+    setup_distributed(args)
     jobs = [
         (f"{method} {group}", functools.partial(run_one, method, group, cfg, args.seed))
         for group in args.group

@@ -29,6 +29,7 @@ from experiments.training import (
     meta_train,
     resolve_config,
     run_jobs,
+    setup_distributed,
 )
 from msr import MAML, MSRLinear, TaskBatch, bases
 from msr.symmetry import principal_angles, subspace_recall, translation_equivariance_error
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     cfg = resolve_config(parser, args, PRESETS)
+    setup_distributed(args)
     jobs = [
         (f"{method} k={k}", functools.partial(run_one, method, k, cfg, args.seed, args.out))
         for k in args.k

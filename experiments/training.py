@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -10,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from experiments.common import MetricsLog, mean_ci95, provenance, write_json_atomic
 from msr import MAML, TaskBatch
+from msr.distributed import average_gradients, shard_tasks
 from synthetic.pool import TaskPool
 
 
@@ -62,11 +65,17 @@ def meta_train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, cfg.steps, eta_min=cfg.outer_lr * cfg.final_lr_fraction
     )
-    sampler = torch.Generator().manual_seed(seed)
+    sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         optimizer.zero_grad()
-        train_loss = maml.meta_backward(data.sample_train(cfg.meta_batch, sampler)).mean()
+        tasks = data.sample_train(cfg.meta_batch, sampler)
+        if world_size > 1:  # ... and meta-trains on its own shard of it
+            tasks = shard_tasks(tasks, rank, world_size)
+        train_loss = maml.meta_backward(tasks).mean()
+        if world_size > 1:
+            average_gradients(maml)
         optimizer.step()
         schedule.step()
         advance(1)
@@ -103,7 +112,12 @@ def run_jobs(
     start = time.perf_counter()
     with (
         MetricsLog(args.out / "metrics.jsonl") as log,
-        tqdm(total=len(jobs) * cfg.steps, desc="meta-training", unit="step") as bar,
+        tqdm(
+            total=len(jobs) * cfg.steps,
+            desc="meta-training",
+            unit="step",
+            disable=dist.is_initialized() and dist.get_rank() > 0,
+        ) as bar,
     ):
         for label, job in jobs:
             bar.set_postfix_str(label)
@@ -112,6 +126,20 @@ def run_jobs(
     results["wall_s"] = time.perf_counter() - start
     write_json_atomic(args.out / "results.json", results)
     return results
+
+
+def setup_distributed(args: argparse.Namespace) -> int:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the rank.
+
+    Ranks other than 0 write their files under ``args.out/rank<r>`` and show no progress bar.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if rank:
+        args.out = args.out / f"rank{rank}"
+    return rank
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, TrainConfig]) -> None:
