@@ -7,8 +7,9 @@ import math
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import scipy.stats
 import torch
@@ -55,20 +56,25 @@ def provenance(seed: int, preset: str) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a synced temporary file and a rename, so that a reader (or a
+    crash) never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """``atomic_write`` of indented JSON."""
+    atomic_write(path, lambda stream: stream.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
 class MetricsLog:

@@ -14,9 +14,9 @@ DIR/results.json with the test accuracy ± 95% CI beside the paper's number.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from experiments.common import REPO_ROOT, MetricsLog, mean_ci95, provenance, write_json_atomic
+from experiments.common import (
+    REPO_ROOT,
+    MetricsLog,
+    atomic_write,
+    mean_ci95,
+    provenance,
+    write_json_atomic,
+)
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import ImageClasses, augment_images, load_miniimagenet, load_omniglot, sample_episodes
 from msr.models import conv4
@@ -186,23 +193,11 @@ def build_learner(method: str, channels: int, ways: int, cfg: FewShotConfig) -> 
     )
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as stream:
-        torch.save(payload, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def drop_metrics_after(path: Path, step: int) -> None:
     """Forget the log lines a killed run wrote after its last checkpoint (they will be redone)."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
 
 
 def evaluate(
@@ -259,8 +254,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
     sampler = torch.Generator().manual_seed(args.seed)
     first_step, elapsed = 1, 0.0
+    run_identity = {
+        k: str(getattr(args, k)) for k in ("dataset", "method", "ways", "shots", "seed")
+    }
     if args.resume:
         state = torch.load(checkpoint, weights_only=False)
+        if state["run"] != run_identity:
+            parser.error(f"{checkpoint} belongs to the run {state['run']}, not {run_identity}")
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
@@ -311,17 +311,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     elapsed_s=time.perf_counter() - start,
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        "step": step,
-                        "learner": learner.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "sampler": sampler.get_state(),
-                        "elapsed_s": time.perf_counter() - start,
-                        "config": asdict(cfg),
-                    },
-                )
+                payload = {
+                    "run": run_identity,
+                    "step": step,
+                    "learner": learner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "sampler": sampler.get_state(),
+                    "elapsed_s": time.perf_counter() - start,
+                    "config": asdict(cfg),
+                }
+                atomic_write(checkpoint, functools.partial(torch.save, payload))
     train_wall = time.perf_counter() - start
     accuracies = evaluate(learner, episodes(test_classes, args.seed), cfg)
     mean, ci95 = mean_ci95(accuracies)
