@@ -46,7 +46,7 @@ EQUIVARIANCE_TASKS = 8
 
 PRESETS = {
     "paper": TrainConfig(steps=1000, eval_every=100),
-    "quick": TrainConfig(steps=400, eval_every=100, test_tasks=100),
+    "quick": TrainConfig(steps=300, eval_every=100, test_tasks=100),
     "tiny": TrainConfig(steps=4, eval_every=2, test_tasks=6, meta_batch=3),
 }
 
