@@ -23,26 +23,10 @@ import torch
 from experiments.common import REPO_ROOT
 from experiments.synthetic import build_model
 from msr import MAML, MSRLinear, TaskBatch
+from msr.reference import higher_meta_backward
 from synthetic.translation1d import Translation1D
 
 PATHS = ("vmap", "loop", "higher")
-
-
-def higher_step(maml: MAML, tasks: TaskBatch) -> None:
-    """The reference approach: a per-task loop through higher's differentiable SGD."""
-    import higher  # a test dependency, imported only here
-
-    model = maml.model
-    fast = [model.get_parameter(n) for n in maml.fast_names]
-    inner_opt = torch.optim.SGD([{"params": [p]} for p in fast], lr=0.1)
-    lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
-    for xs, ys, xq, yq in zip(*tasks, strict=True):
-        with higher.innerloop_ctx(
-            model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
-        ) as (fmodel, diffopt):
-            for _ in range(maml.inner_steps):
-                diffopt.step(maml.loss_fn(fmodel(xs), ys))
-            (maml.loss_fn(fmodel(xq), yq) / tasks.num_tasks).backward()
 
 
 def make(latent: int = 3) -> tuple[MAML, Translation1D]:
@@ -63,7 +47,7 @@ def median_step_ms(path: str, tasks: TaskBatch, repeats: int, latent: int = 3) -
         start = time.perf_counter()
         optimizer.zero_grad()
         if path == "higher":
-            higher_step(maml, tasks)
+            higher_meta_backward(maml, tasks)
         else:
             maml.meta_backward(tasks)
         optimizer.step()
@@ -78,15 +62,26 @@ def batch(size: int) -> TaskBatch:
 
 
 def peak_memory_mib(path: str, size: int) -> float:
-    """Peak RSS growth (MiB) of 5 outer steps of ``path``, in a fresh process."""
+    """Peak RSS growth (MiB) of one outer step of ``path``, in a fresh process (Linux only).
+
+    The kernel's peak-RSS mark (VmHWM) is reset just before the step through
+    /proc/self/clear_refs, so imports and data creation do not hide the step's own peak.
+    """
     code = (
-        "import resource, torch\n"
+        "import re, torch\n"
         "torch.set_num_threads(1)\n"
-        "from benchmarks.meta_step import batch, median_step_ms\n"
-        f"tasks = batch({size})\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"median_step_ms({path!r}, tasks, 2)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "from benchmarks.meta_step import batch, make\n"
+        "def status(key):\n"
+        "    text = open('/proc/self/status').read()\n"
+        "    return int(re.search(key + r':\\s+(\\d+)', text).group(1)) / 1024\n"
+        f"maml, _ = make()\ntasks = batch({size})\n"
+        f"path = {path!r}\n"
+        "if path != 'higher':\n    maml.batching = path\n"
+        "from msr.reference import higher_meta_backward\n"
+        "base = status('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "higher_meta_backward(maml, tasks) if path == 'higher' else maml.meta_backward(tasks)\n"
+        "print(status('VmHWM') - base)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -135,11 +130,13 @@ def main() -> None:
         print(f"    latent {latent:4d}: vmap {row['vmap']:7.2f}  loop {row['loop']:7.2f}")
     report["b_by_latent"] = by_latent
 
-    print("(c) peak RSS growth over 5 outer steps, 32 tasks (fresh process each):")
-    memory = {path: peak_memory_mib(path, 32) for path in PATHS}
-    for path in PATHS:
-        print(f"    {path:7s} {memory[path]:7.1f} MiB")
-    report["c_peak_rss_mib_32_tasks"] = memory
+    memory = {}
+    for size in (32, 128):
+        print(f"(c) peak RSS growth of one outer step, {size} tasks (fresh process each):")
+        memory[size] = {path: peak_memory_mib(path, size) for path in PATHS}
+        for path in PATHS:
+            print(f"    {path:7s} {memory[size][path]:7.1f} MiB")
+    report["c_peak_rss_growth_mib"] = memory
     print(json.dumps(report))
 
 

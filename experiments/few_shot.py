@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume and not checkpoint.exists():
         parser.error(f"--resume given but {checkpoint} does not exist")
     args.out.mkdir(parents=True, exist_ok=True)
+    run_provenance = provenance(args.seed, args.preset)  # the code as it starts, not as it ends
 
     train_classes = load_split(args.dataset, data, "train", cfg.image_size)
     val_classes = load_split(args.dataset, data, "val", cfg.image_size)
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mean, ci95 = mean_ci95(accuracies)
     paper = PAPER_TABLE3[args.method].get((args.dataset, args.ways, args.shots))
     results = {
-        **provenance(args.seed, args.preset),
+        **run_provenance,
         "config": asdict(cfg),
         "method": args.method,
         "dataset": args.dataset,

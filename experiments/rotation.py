@@ -31,6 +31,7 @@ from experiments.training import (
     resolve_config,
     run_jobs,
     setup_distributed,
+    summary_header,
 )
 from msr import MAML, MSRConv2d, TaskBatch
 from msr.symmetry import energy_share, equivariance_error, principal_angles
@@ -153,11 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for method in args.methods
     ]
     results = run_jobs(jobs, cfg, args)
-    print(
-        f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
-        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps, "
-        f"wall {results['wall_s']:.0f} s):\n"
-    )
+    print(summary_header(cfg, args, results))
     print(markdown_table(results["runs"]))
     print(f"\nWrote {Path(args.out) / 'results.json'} and metrics.jsonl")
     return results

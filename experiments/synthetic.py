@@ -30,6 +30,7 @@ from experiments.training import (
     resolve_config,
     run_jobs,
     setup_distributed,
+    summary_header,
 )
 from msr import MAML, MSRLinear, TaskBatch, bases
 from msr.symmetry import principal_angles, subspace_recall, translation_equivariance_error
@@ -173,11 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for method in args.methods
     ]
     results = run_jobs(jobs, cfg, args)
-    print(
-        f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
-        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps, "
-        f"wall {results['wall_s']:.0f} s):\n"
-    )
+    print(summary_header(cfg, args, results))
     print(markdown_table(results["runs"]))
     for line in recovery_lines(results["runs"]):
         print(line)

@@ -128,6 +128,15 @@ def run_jobs(
     return results
 
 
+def summary_header(cfg: TrainConfig, args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """The line above a results table: what was measured, with which preset, seed and time."""
+    return (
+        f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
+        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps, "
+        f"wall {results['wall_s']:.0f} s):\n"
+    )
+
+
 def setup_distributed(args: argparse.Namespace) -> int:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the rank.
 

@@ -1,9 +1,9 @@
 """Episodic meta-learners: a meta-batch of tasks, run vmapped or per task, with one interface.
 
 A learner defines a pure per-task function ``_query(state, x_support, y_support, x_query,
-y_query, metrics)`` of its (possibly detached) ``state``; this base class runs it over a
-meta-batch, either as one ``vmap``-ed computation or as a loop that backpropagates after each
-task, for training (``meta_backward``) and for scoring (``evaluate``).
+y_query, metrics, batched)`` of its (possibly detached) ``state``; this base class runs it over a
+meta-batch, either as one ``vmap``-ed computation (``batched=True``) or as a loop that
+backpropagates after each task, for training (``meta_backward``) and for scoring (``evaluate``).
 """
 
 from __future__ import annotations
@@ -91,8 +91,13 @@ class EpisodicLearner(nn.Module):
         x_query: Tensor,
         y_query: Tensor,
         metrics: Mapping[str, LossFn],
+        batched: bool,
     ) -> dict[str, Tensor]:
-        """One task's query ``"loss"`` and extra metrics; pure in ``state`` and the task."""
+        """One task's query ``"loss"`` and extra metrics; pure in ``state`` and the task.
+
+        ``batched`` says whether it runs inside ``vmap`` (where only ``torch.func`` transforms
+        apply) or alone (where plain autograd is cheaper).
+        """
         raise NotImplementedError
 
     def _scores(
@@ -106,7 +111,7 @@ class EpisodicLearner(nn.Module):
     def _run(
         self, tasks: TaskBatch, detach: bool, metrics: Mapping[str, LossFn], chunk_size: int | None
     ) -> dict[str, Tensor]:
-        query = functools.partial(self._query, metrics=metrics)
+        query = functools.partial(self._query, metrics=metrics, batched=True)
         per_task = vmap(query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)
         return per_task(self._state(detach), *tasks)
 
@@ -122,7 +127,8 @@ class EpisodicLearner(nn.Module):
             return losses.detach()
         losses = []
         for index in range(tasks.num_tasks):
-            loss = self._query(self._state(detach=False), *tasks.task(index), {})["loss"]
+            state = self._state(detach=False)
+            loss = self._query(state, *tasks.task(index), {}, batched=False)["loss"]
             (loss / tasks.num_tasks).backward()
             losses.append(loss.detach())
         return torch.stack(losses)
@@ -146,7 +152,10 @@ class EpisodicLearner(nn.Module):
             with torch.no_grad():
                 return self._run(tasks, detach=True, metrics=metrics, chunk_size=chunk_size)
         state = self._state(detach=True)
-        rows = [self._query(state, *tasks.task(i), metrics) for i in range(tasks.num_tasks)]
+        rows = [
+            self._query(state, *tasks.task(i), metrics, batched=False)
+            for i in range(tasks.num_tasks)
+        ]
         return {k: torch.stack([r[k].detach() for r in rows]) for k in rows[0]}
 
 

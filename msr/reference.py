@@ -1,0 +1,33 @@
+"""A reference meta-gradient computed the straightforward way, with ``higher`` (an oracle).
+
+``higher`` (unmaintained, a test dependency of this package) runs a per-task loop through a
+differentiable SGD; our ``MAML`` must match it. Used by the tests and the speed benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msr.episodic import TaskBatch
+from msr.maml import MAML
+
+
+def higher_meta_backward(maml: MAML, tasks: TaskBatch) -> torch.Tensor:
+    """Accumulate the meta-gradient of ``maml`` on ``tasks`` via ``higher``; return task losses."""
+    import higher  # imported here: only the tests and benchmarks need it
+
+    model = maml.model
+    fast = [model.get_parameter(n) for n in maml.fast_names]
+    inner_opt = torch.optim.SGD([{"params": [p]} for p in fast], lr=0.1)  # lr overridden below
+    lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
+    losses = []
+    for xs, ys, xq, yq in zip(*tasks, strict=True):
+        with higher.innerloop_ctx(
+            model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
+        ) as (fmodel, diffopt):
+            for _ in range(maml.inner_steps):
+                diffopt.step(maml.loss_fn(fmodel(xs), ys))
+            loss = maml.loss_fn(fmodel(xq), yq)
+            (loss / tasks.num_tasks).backward()
+            losses.append(loss.detach())
+    return torch.stack(losses)
