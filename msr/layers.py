@@ -42,6 +42,21 @@ class SymmetryLayer(nn.Module):
             self.register_buffer(name, value)
 
 
+def _column_major(U: Tensor) -> Tensor:
+    """A copy of a dense (numel, latent) U stored column-major (U^T contiguous).
+
+    With this layout the small latent dimension is the row count of every product in W = U v
+    and its gradients, shapes on which BLAS is 3-6x faster than on row-major (numel, latent)
+    (measured: latent 3, 32 vmapped tasks; see benchmarks/meta_step.py).
+    """
+    return U.t().contiguous().t()
+
+
+def _expand(U: Tensor, v: Tensor) -> Tensor:
+    """vec(W) = U v, written as v U^T so that the products suit ``_column_major`` storage."""
+    return F.linear(v, U)
+
+
 def _init_bias(out_features: int, fan_in: int, bias: bool) -> nn.Parameter | None:
     if not bias:
         return None
@@ -86,8 +101,9 @@ class MSRLinear(SymmetryLayer):
             U = torch.randn(numel, latent) * 0.01
         else:
             check_shape("U (out_features * in_features, latent)", U, (numel, latent))
-            U = U.detach().clone().float()
-        self._register_symmetry("U", U, learn_U)  # None (a frozen identity) stays None
+            U = U.detach().float()
+        # None (a frozen identity) stays None
+        self._register_symmetry("U", None if U is None else _column_major(U), learn_U)
         self.v = nn.Parameter(torch.randn(latent) / out_features)
         self.bias = _init_bias(out_features, in_features, bias)
 
@@ -121,7 +137,7 @@ class MSRLinear(SymmetryLayer):
     @property
     def weight(self) -> Tensor:
         """The effective weight W = reshape(U v)."""
-        flat = self.v if self.U is None else self.U @ self.v
+        flat = self.v if self.U is None else _expand(self.U, self.v)
         return flat.view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,7 +213,7 @@ class MSRConv2d(SymmetryLayer):
                     f"{out_channels}x{in_channels}x{self.kernel_size} kernel, "
                     f"got {tuple(basis.shape)}"
                 )
-            self._register_symmetry("U", basis.detach().clone().float(), learn_U)
+            self._register_symmetry("U", _column_major(basis.detach().float()), learn_U)
             shape = (basis.shape[1],)
         self.v = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
         self.bias = _init_bias(out_channels, fan_in, bias)
@@ -223,7 +239,7 @@ class MSRConv2d(SymmetryLayer):
         """The effective conv kernel, shape ``(out, in, kh, kw)``."""
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
         if not self.kronecker:
-            return (self.U @ self.v).view(shape)
+            return _expand(self.U, self.v).view(shape)
         kernel = self.v.flatten(2)  # (out, in, kh*kw); contract one factor at a time
         kernel = torch.einsum("ao,oik->aik", self.U_out, kernel)
         kernel = torch.einsum("bi,aik->abk", self.U_in, kernel)

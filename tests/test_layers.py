@@ -15,6 +15,22 @@ def test_msr_linear_weight_is_reshaped_U_v():
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
 
 
+def test_dense_U_keeps_its_column_major_storage_through_training_and_reloading():
+    """The storage the BLAS-friendly products rely on survives an optimizer step and a reload."""
+    given = torch.randn(20, 3)
+    for layer in (MSRLinear(5, 4, latent=3), MSRLinear.from_basis(given, 5, 4, learn_U=True)):
+        assert layer.U.t().is_contiguous() and layer.U.shape == (20, 3)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+        layer(torch.randn(7, 5)).square().sum().backward()
+        optimizer.step()
+        reloaded = MSRLinear(5, 4, latent=3, bias=layer.bias is not None)
+        reloaded.load_state_dict(layer.state_dict())
+        for U in (layer.U, reloaded.U):
+            assert U.t().is_contiguous()
+        assert torch.equal(reloaded.U, layer.U)
+    assert torch.equal(MSRLinear.from_basis(given, 5, 4).U, given)  # a copy, same values
+
+
 def test_msr_linear_init_follows_the_paper():
     layer = MSRLinear(70, 68, latent=30, bias=False)
     assert layer.bias is None

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from experiments.common import REPO_ROOT
-from experiments.synthetic import METHODS, PAPER_TABLE1
+from experiments.synthetic import LEARNED_U, METHODS, ORACLE, PAPER_TABLE1
 
 RUN_FIELDS = {"method", "k", "mse", "ci95", "paper_mse", "paper_ci95", "steps", "wall_s"}
 
@@ -21,6 +21,7 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         "--methods",
         "MAML-Conv",
         "MSR-FC",
+        ORACLE,
         "--k",
         "1",
         "2",
@@ -38,13 +39,18 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     assert results["seed"] == 3 and results["preset"] == "tiny"
     assert results["torch_version"].startswith("2.13.0") and results["git_sha"]
     runs = {(r["method"], r["k"]): r for r in results["runs"]}
-    assert set(runs) == {(m, k) for m in ("MAML-Conv", "MSR-FC") for k in (1, 2)}
+    assert set(runs) == {(m, k) for m in ("MAML-Conv", "MSR-FC", ORACLE) for k in (1, 2)}
     for (method, k), run in runs.items():
         assert run.keys() >= RUN_FIELDS
-        assert run["paper_mse"] == PAPER_TABLE1[method][k][0]
+        paper = PAPER_TABLE1[method][k][0] if method != ORACLE else None
+        assert run["paper_mse"] == paper
         assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0
-        assert ("symmetry" in run) == (method == "MSR-FC")
+        assert ("symmetry" in run) == (method in LEARNED_U)
         assert (out / f"U_{method}_k{k}.png").stat().st_size > 10_000
+    assert f"| {ORACLE} |" in done.stdout and "(—)" in done.stdout
+    for k in (1, 2):  # the oracle starts at the generator's basis (chance recall is ~0.001)
+        oracle = runs[(ORACLE, k)]["symmetry"]
+        assert oracle["recall"] > 0.9 and oracle["chance_recall"] == 3 * k / 4760
     symmetry = runs[("MSR-FC", 1)]["symmetry"]
     assert 0 <= symmetry["recall"] <= 1 and 0 <= symmetry["max_principal_angle_deg"] <= 90
     assert symmetry["translation_equivariance_error"] > 0
@@ -54,8 +60,8 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         ("MAML-Conv", 1, 3),
         ("MAML-Conv", 1, 6),
     ]
-    assert len(records) == 8 and all(r["test_mse"] > 0 for r in records)
-    assert records[-1]["test_mse"] == runs[("MSR-FC", 2)]["mse"]
+    assert len(records) == 12 and all(r["test_mse"] > 0 for r in records)
+    assert records[-1]["test_mse"] == runs[(ORACLE, 2)]["mse"]
 
 
 def test_cli_rejects_unknown_method(tmp_path):
