@@ -77,6 +77,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     atomic_write(path, lambda stream: stream.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
+def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite a JSON-lines file (atomically) with only the records ``keep`` accepts; used on
+    resume to forget what a killed run logged after its last saved state (it is redone)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
+        atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
+
+
 class MetricsLog:
     """Append-only JSON-lines log, flushed after every record so a killed run keeps its history."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from experiments.common import (
     REPO_ROOT,
     MetricsLog,
     atomic_write,
+    keep_lines,
     mean_ci95,
     provenance,
     write_json_atomic,
@@ -193,13 +193,6 @@ def build_learner(method: str, channels: int, ways: int, cfg: FewShotConfig) -> 
     )
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the log lines a killed run wrote after its last checkpoint (they will be redone)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
-
-
 def evaluate(
     learner: EpisodicLearner,
     tasks_source: Callable[[int], TaskBatch],
@@ -266,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
         first_step, elapsed = state["step"] + 1, state["elapsed_s"]
-        drop_metrics_after(args.out / "metrics.jsonl", state["step"])
+        keep_lines(args.out / "metrics.jsonl", lambda record: record["step"] <= state["step"])
     else:
         (args.out / "metrics.jsonl").unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from experiments.training import (
     build_maml,
     meta_train,
     resolve_config,
+    resume_from,
     run_jobs,
     setup_distributed,
     summary_header,
@@ -153,11 +154,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(parser, args, PRESETS)
     setup_distributed(args)
     jobs = [
-        (f"{method} {group}", functools.partial(run_one, method, group, cfg, args.seed))
+        (
+            {"method": method, "group": group},
+            functools.partial(run_one, method, group, cfg, args.seed),
+        )
         for group in args.group
         for method in args.methods
     ]
-    results = run_jobs(jobs, cfg, args)
+    results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg))
     print(summary_header(cfg, args, results))
     print(markdown_table(results["runs"]))
     print(f"\nWrote {Path(args.out) / 'results.json'} and metrics.jsonl")

@@ -28,6 +28,7 @@ from experiments.training import (
     build_maml,
     meta_train,
     resolve_config,
+    resume_from,
     run_jobs,
     setup_distributed,
     summary_header,
@@ -190,11 +191,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(parser, args, PRESETS)
     setup_distributed(args)
     jobs = [
-        (f"{method} k={k}", functools.partial(run_one, method, k, cfg, args.seed, args.out))
+        (
+            {"method": method, "k": k},
+            functools.partial(run_one, method, k, cfg, args.seed, args.out),
+        )
         for k in args.k
         for method in args.methods
     ]
-    results = run_jobs(jobs, cfg, args)
+    results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg))
     print(summary_header(cfg, args, results))
     print(markdown_table(results["runs"]))
     for line in recovery_lines(results["runs"]):

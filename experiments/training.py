@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from experiments.common import MetricsLog, mean_ci95, provenance, write_json_atomic
+from experiments.common import MetricsLog, keep_lines, mean_ci95, provenance, write_json_atomic
 from msr import MAML, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
 from synthetic.pool import TaskPool
@@ -74,6 +76,11 @@ def meta_train(
         if world_size > 1:  # ... and meta-trains on its own shard of it
             tasks = shard_tasks(tasks, rank, world_size)
         train_loss = maml.meta_backward(tasks).mean()
+        if not math.isfinite(train_loss.item()):
+            raise RuntimeError(
+                f"non-finite training loss {train_loss.item()} at step {step} ({tags}); the runs "
+                "finished before this one are kept in results.json"
+            )
         if world_size > 1:
             average_gradients(maml)
         optimizer.step()
@@ -96,22 +103,36 @@ Job = Callable[[MetricsLog, Callable[[int], None]], dict[str, Any]]
 
 
 def run_jobs(
-    jobs: Sequence[tuple[str, Job]], cfg: TrainConfig, args: argparse.Namespace
+    jobs: Sequence[tuple[dict[str, Any], Job]],
+    cfg: TrainConfig,
+    args: argparse.Namespace,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run each (label, job) under one progress bar, logging to ``args.out/metrics.jsonl``.
+    """Run each (tags, job) under one progress bar, logging to ``args.out/metrics.jsonl``.
 
-    ``results.json`` is rewritten (atomically) after every job, so finished runs survive a crash.
+    ``tags`` (e.g. ``{"method": "MSR-FC", "k": 1}``) name a job; its results.json entry and its
+    metrics lines carry them. ``results.json`` is rewritten (atomically) after every job, so
+    finished runs survive a crash; given the ``previous`` results (``--resume``), jobs already
+    there are skipped and the metrics of a job cut off midway are dropped: it reruns from its
+    start, and every job seeds itself, so the outcome equals an uninterrupted run.
     """
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics_path = args.out / "metrics.jsonl"
     results: dict[str, Any] = {
         **provenance(args.seed, args.preset),
         "config": asdict(cfg),
         "runs": [],
+        "wall_s": 0.0,
     }
-    start = time.perf_counter()
+    if previous is None:
+        metrics_path.unlink(missing_ok=True)
+    else:
+        results.update(runs=previous["runs"], wall_s=previous["wall_s"])
+        keys = list(jobs[0][0]) if jobs else []
+        keep_lines(metrics_path, lambda record: _finished(record, results["runs"], keys))
+    prior_wall, start = results["wall_s"], time.perf_counter()
     with (
-        MetricsLog(args.out / "metrics.jsonl") as log,
+        MetricsLog(metrics_path) as log,
         tqdm(
             total=len(jobs) * cfg.steps,
             desc="meta-training",
@@ -119,13 +140,43 @@ def run_jobs(
             disable=dist.is_initialized() and dist.get_rank() > 0,
         ) as bar,
     ):
-        for label, job in jobs:
-            bar.set_postfix_str(label)
+        for tags, job in jobs:
+            if _finished(tags, results["runs"], list(tags)):
+                bar.update(cfg.steps)
+                continue
+            bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
             results["runs"].append(job(log, bar.update))
+            results["wall_s"] = prior_wall + time.perf_counter() - start
             write_json_atomic(args.out / "results.json", results)
-    results["wall_s"] = time.perf_counter() - start
+    results["wall_s"] = prior_wall + time.perf_counter() - start
     write_json_atomic(args.out / "results.json", results)
     return results
+
+
+def _finished(
+    record: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> bool:
+    """Whether a finished run has the same values as ``record`` (a job's tags or a metrics line)
+    under the tag ``keys``."""
+    return any(all(run.get(k) == record.get(k) for k in keys) for run in runs)
+
+
+def resume_from(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: TrainConfig
+) -> dict[str, Any] | None:
+    """With ``--resume``, the finished runs in ``args.out/results.json``, checked to belong to
+    this run (same preset, seed, config and code); ``None`` without it."""
+    if not args.resume:
+        return None
+    path = args.out / "results.json"
+    if not path.exists():
+        parser.error(f"--resume given but {path} does not exist")
+    previous = json.loads(path.read_text())
+    expected = {**provenance(args.seed, args.preset), "config": asdict(cfg)}
+    different = {k: (previous.get(k), v) for k, v in expected.items() if previous.get(k) != v}
+    if different:
+        parser.error(f"{path} belongs to another run; differing (theirs, ours): {different}")
+    return previous
 
 
 def summary_header(cfg: TrainConfig, args: argparse.Namespace, results: dict[str, Any]) -> str:
@@ -159,6 +210,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
     parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in DIR/results.json (same preset, seed, config and code) and "
+        "run the rest; a run cut off midway restarts from its beginning",
+    )
 
 
 def resolve_config(

@@ -21,30 +21,33 @@ def _metrics(path):
     ]
 
 
+def _without_wall(runs):
+    return [{k: v for k, v in run.items() if k != "wall_s"} for run in runs]
+
+
+def _synthetic(out, *options):
+    """The Table 1 driver at the tiny preset, seed 2, with ``options`` after the defaults."""
+    return [
+        sys.executable,
+        *("-m", "experiments.synthetic", "--preset", "tiny", "--seed", "2", "--out", str(out)),
+        *options,
+    ]
+
+
+def _two_jobs(out, *options):
+    return _synthetic(
+        out, "--steps", "800", "--methods", "MAML-Conv", "MSR-FC", "--k", "1", *options
+    )
+
+
 def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
     runs = []
     for name in ("a", "b"):
-        command = [
-            sys.executable,
-            "-m",
-            "experiments.synthetic",
-            "--preset",
-            "tiny",
-            "--methods",
-            "MSR-FC",
-            "MAML-LC",
-            "--k",
-            "2",
-            "--seed",
-            "4",
-            "--out",
-            str(tmp_path / name),
-        ]
+        command = _synthetic(tmp_path / name, "--methods", "MSR-FC", "MAML-LC", "--k", "2")
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         runs.append(json.loads((tmp_path / name / "results.json").read_text())["runs"])
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
-    assert strip(runs[0]) == strip(runs[1])
+    assert _without_wall(runs[0]) == _without_wall(runs[1])
     assert _metrics(tmp_path / "a" / "metrics.jsonl") == _metrics(tmp_path / "b" / "metrics.jsonl")
 
 
@@ -126,3 +129,76 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
         )
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (out / "results.json").exists()
+
+
+def test_synthetic_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    whole = subprocess.run(
+        _two_jobs(tmp_path / "whole"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert whole.returncode == 0, whole.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _two_jobs(killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"MSR-FC"' not in (
+        metrics.read_text() if metrics.exists() else ""
+    ):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    # It really stopped inside the second job: the first is saved, the second only logged.
+    partial = json.loads((killed / "results.json").read_text())
+    assert [r["method"] for r in partial["runs"]] == ["MAML-Conv"]
+    assert '"MSR-FC"' in metrics.read_text()
+
+    resumed = subprocess.run(
+        _two_jobs(killed, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert _without_wall(a["runs"]) == _without_wall(b["runs"])
+    assert b["runs"][0]["wall_s"] == partial["runs"][0]["wall_s"]  # kept, not rerun
+    assert _metrics(killed / "metrics.jsonl") == _metrics(tmp_path / "whole" / "metrics.jsonl")
+
+
+def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
+    out = tmp_path / "run"
+    missing = subprocess.run(
+        _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "results.json does not exist" in missing.stderr
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"seed": 9, "preset": "tiny", "runs": []}))
+    foreign = subprocess.run(
+        _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert foreign.returncode == 2 and "belongs to another run" in foreign.stderr
+    assert "'seed': (9, 2)" in foreign.stderr
+
+
+def test_synthetic_non_finite_loss_stops_and_keeps_the_finished_runs(tmp_path, monkeypatch):
+    from experiments import synthetic
+    from msr import MAML
+
+    calls = 0
+    original = MAML.meta_backward
+
+    def diverging(self, tasks):
+        nonlocal calls
+        calls += 1
+        losses = original(self, tasks)
+        return losses * float("inf") if calls == 8 else losses  # 2nd job, 2nd step
+
+    monkeypatch.setattr(MAML, "meta_backward", diverging)
+    out = tmp_path / "inf"
+    with pytest.raises(RuntimeError, match=r"non-finite training loss inf at step 2 .*MSR-FC"):
+        synthetic.main(
+            ["--preset", "tiny", "--methods", "MAML-Conv", "MSR-FC", "--k", "1", "--out", str(out)]
+        )
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["MAML-Conv"]
