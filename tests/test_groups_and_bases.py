@@ -94,6 +94,26 @@ def test_group_conv_basis_gives_an_equivariant_layer(name, in_channels):
     )  # an unconstrained conv is not equivariant
 
 
+@pytest.mark.parametrize("name, kronecker_rank", [("c4", 4), ("d4", 7)])
+def test_no_single_kronecker_product_is_close_to_the_group_conv_projector(name, kronecker_rank):
+    """Why the paper's Kronecker MSR-Conv cannot learn group convolution (README, Table 2).
+
+    Its inner update is preconditioned by U U^T = (A A^T) (x) (C C^T) over (output channel,
+    kernel pixel). The projector P onto the group-conv weights is a sum of several Kronecker
+    products (the rank of P rearranged as (out*out, k^4)); the nearest single one misses
+    sqrt(2/3) of it: only kernels invariant under the group, copied to every group element, are
+    both in span(P) and a Kronecker product (9 of the 27 dimensions).
+    """
+    basis = bases.group_conv2d(name, 1, 3, 3).double()
+    out = basis.shape[0] // 9
+    Q, _ = torch.linalg.qr(basis)
+    rearranged = (Q @ Q.T).view(out, 9, out, 9).permute(0, 2, 1, 3).reshape(out * out, 81)
+    singular = torch.linalg.svdvals(rearranged)
+    assert int((singular > 1e-9).sum()) == kronecker_rank
+    best_single = 1 - singular[0] ** 2 / singular.square().sum()
+    torch.testing.assert_close(best_single.sqrt().item(), (2 / 3) ** 0.5)
+
+
 def test_basis_errors_name_the_value():
     with pytest.raises(ValueError, match="kernel_size=9 is larger than in_length=5"):
         bases.conv1d(5, 9)
