@@ -49,7 +49,7 @@ def _column_major(U: Tensor) -> Tensor:
     and its gradients, shapes on which BLAS is 3-6x faster than on row-major (numel, latent)
     (measured: latent 3, 32 vmapped tasks; see benchmarks/meta_step.py).
     """
-    return U.t().contiguous().t()
+    return U.t().clone(memory_format=torch.contiguous_format).t()
 
 
 def _expand(U: Tensor, v: Tensor) -> Tensor:

@@ -28,7 +28,11 @@ def test_dense_U_keeps_its_column_major_storage_through_training_and_reloading()
         for U in (layer.U, reloaded.U):
             assert U.t().is_contiguous()
         assert torch.equal(reloaded.U, layer.U)
-    assert torch.equal(MSRLinear.from_basis(given, 5, 4).U, given)  # a copy, same values
+    for source in (given, MSRLinear(5, 4, latent=3).U.detach()):  # row- and column-major
+        layer = MSRLinear.from_basis(source, 5, 4)
+        assert torch.equal(layer.U, source)
+        source.add_(1.0)  # a copy: the caller's tensor can change without touching the layer
+        assert not torch.equal(layer.U, source)
 
 
 def test_msr_linear_init_follows_the_paper():
