@@ -90,11 +90,12 @@ def symmetry_scores(
     layer: MSRLinear, maml: MAML, data: Translation1D, test: TaskBatch
 ) -> dict[str, float]:
     """How well span(U) recovers the generator's sharing basis, and how equivariant W is."""
-    angles = principal_angles(layer.U, data.true_basis())
+    basis = data.true_basis()
+    angles = principal_angles(layer.U, basis)
     adapted_weights = [maml.adapt(test.x_support[i], test.y_support[i]).weight for i in range(8)]
     return {
         "max_principal_angle_deg": float(angles.max()),
-        "recall": subspace_recall(layer.U, data.true_basis()),
+        "recall": subspace_recall(layer.U, basis),
         "chance_recall": layer.U.shape[1] / layer.U.shape[0],
         "translation_equivariance_error": float(
             sum(translation_equivariance_error(w) for w in adapted_weights) / len(adapted_weights)

@@ -124,11 +124,11 @@ def run_jobs(
         "runs": [],
         "wall_s": 0.0,
     }
+    keys = list(jobs[0][0]) if jobs else []  # the tag names, shared by every job
     if previous is None:
         metrics_path.unlink(missing_ok=True)
     else:
         results.update(runs=previous["runs"], wall_s=previous["wall_s"])
-        keys = list(jobs[0][0]) if jobs else []
         keep_lines(metrics_path, lambda record: _finished(record, results["runs"], keys))
     prior_wall, start = results["wall_s"], time.perf_counter()
     with (
@@ -141,7 +141,7 @@ def run_jobs(
         ) as bar,
     ):
         for tags, job in jobs:
-            if _finished(tags, results["runs"], list(tags)):
+            if _finished(tags, results["runs"], keys):
                 bar.update(cfg.steps)
                 continue
             bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
