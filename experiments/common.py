@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -26,6 +27,23 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
         raise ValueError(f"a confidence interval needs at least 2 values, got {count}")
     sem = values.std(unbiased=True).item() / math.sqrt(count)
     return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve every allocation from its heap and keep freed memory for reuse.
+
+    By default glibc maps each allocation above a threshold afresh and hands it back on free, so
+    a training step that allocates the same multi-MB tensors every time page-faults them all in
+    again: measured on a D8 meta-step (32 tasks, 48 channels), 120k minor faults and 60% of the
+    time in the kernel; with this, 66 faults and 292 -> 101 ms. The cost: the process keeps its
+    peak memory. Drivers call it at start; returns False where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def git_sha() -> str:

@@ -30,6 +30,7 @@ from experiments.common import (
     REPO_ROOT,
     MetricsLog,
     atomic_write,
+    keep_freed_memory,
     keep_lines,
     mean_ci95,
     provenance,
@@ -220,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     cfg = PRESETS[args.dataset][args.preset]
     if args.steps is not None:
         if args.steps < 1:

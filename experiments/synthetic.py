@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.common import MetricsLog
+from experiments.common import MetricsLog, keep_freed_memory
 from experiments.figures import plot_sharing
 from experiments.training import (
     TrainConfig,
@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", nargs="+", type=int, choices=RANKS, default=list(RANKS))
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     cfg = resolve_config(parser, args, PRESETS)
     setup_distributed(args)
     jobs = [

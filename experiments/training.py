@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from experiments.common import MetricsLog, keep_lines, mean_ci95, provenance, write_json_atomic
+from experiments.common import (
+    MetricsLog,
+    keep_freed_memory,
+    keep_lines,
+    mean_ci95,
+    provenance,
+    write_json_atomic,
+)
 from msr import MAML, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
+from msr.validation import check_positive_int
 from synthetic.pool import TaskPool
 
 
@@ -48,6 +58,45 @@ def build_maml(model: torch.nn.Module, cfg: TrainConfig) -> MAML:
     )
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite (the run, or a sweep candidate, diverged)."""
+
+
+def _outer_steps(
+    maml: MAML,
+    data: TaskPool,
+    cfg: TrainConfig,
+    seed: int,
+    advance: Callable[[int], None],
+    tags: Mapping[str, object],
+) -> Iterator[tuple[int, float]]:
+    """Run ``cfg.steps`` outer steps on meta-batches of training tasks; yield (step, train loss)
+    after each, so that the caller decides what to score in between."""
+    optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.outer_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, cfg.steps, eta_min=cfg.outer_lr * cfg.final_lr_fraction
+    )
+    sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for step in range(1, cfg.steps + 1):
+        optimizer.zero_grad()
+        tasks = data.sample_train(cfg.meta_batch, sampler)
+        if world_size > 1:  # ... and meta-trains on its own shard of it
+            tasks = shard_tasks(tasks, rank, world_size)
+        train_loss = maml.meta_backward(tasks).mean().item()
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss {train_loss} at step {step} ({dict(tags)}); the runs "
+                "finished before this one are kept in results.json"
+            )
+        if world_size > 1:
+            average_gradients(maml)
+        optimizer.step()
+        schedule.step()
+        advance(1)
+        yield step, train_loss
+
+
 def meta_train(
     maml: MAML,
     data: TaskPool,
@@ -63,40 +112,61 @@ def meta_train(
     Each evaluation is a line of ``log`` (with ``tags``). Returns the final meta-test
     (mean loss, 95% CI half-width, wall seconds).
     """
-    optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.outer_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, cfg.steps, eta_min=cfg.outer_lr * cfg.final_lr_fraction
-    )
-    sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        optimizer.zero_grad()
-        tasks = data.sample_train(cfg.meta_batch, sampler)
-        if world_size > 1:  # ... and meta-trains on its own shard of it
-            tasks = shard_tasks(tasks, rank, world_size)
-        train_loss = maml.meta_backward(tasks).mean()
-        if not math.isfinite(train_loss.item()):
-            raise RuntimeError(
-                f"non-finite training loss {train_loss.item()} at step {step} ({tags}); the runs "
-                "finished before this one are kept in results.json"
-            )
-        if world_size > 1:
-            average_gradients(maml)
-        optimizer.step()
-        schedule.step()
-        advance(1)
+    for step, train_loss in _outer_steps(maml, data, cfg, seed, advance, tags):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             mse, ci95 = mean_ci95(maml.evaluate(test)["loss"])
             log.write(
                 **tags,
                 step=step,
-                train_loss=train_loss.item(),
+                train_loss=train_loss,
                 test_mse=mse,
                 test_ci95=ci95,
                 elapsed_s=time.perf_counter() - start,
             )
     return mse, ci95, time.perf_counter() - start
+
+
+def sweep_inner_lr(
+    build: Callable[[float], MAML],
+    data: TaskPool,
+    cfg: TrainConfig,
+    candidates: Sequence[float],
+    steps: int,
+    score_tasks: int,
+    seed: int,
+    advance: Callable[[int], None],
+    **tags: object,
+) -> tuple[float, dict[str, float]]:
+    """Choose the initial inner lr: meta-train a fresh model ``build(lr)`` for ``steps`` outer
+    steps per candidate and score its mean query loss on the first ``score_tasks`` *training*
+    tasks (never test tasks). A candidate that diverges scores ``None``.
+
+    Returns (the best candidate, {candidate: score}).
+    """
+    if not candidates:
+        raise ValueError("the inner-lr sweep needs at least one candidate")
+    check_positive_int("steps", steps)
+    if not 0 < score_tasks <= data.num_train_tasks:
+        raise ValueError(f"score_tasks must be in [1, {data.num_train_tasks}], got {score_tasks}")
+    scored = data.tasks(torch.arange(score_tasks), support=cfg.support)[0]
+    scores: dict[str, float | None] = {}
+    for lr in candidates:
+        torch.manual_seed(seed)
+        maml = build(lr)
+        completed = 0
+        try:
+            for step, _ in _outer_steps(maml, data, replace(cfg, steps=steps), seed, advance, tags):
+                completed = step
+            score = maml.evaluate(scored)["loss"].mean().item()
+        except NonFiniteLossError:
+            score = math.nan
+            advance(steps - completed)  # the progress bar counts the steps it skips
+        scores[str(lr)] = score if math.isfinite(score) else None
+    finite = [lr for lr in candidates if scores[str(lr)] is not None]
+    if not finite:
+        raise NonFiniteLossError(f"every inner-lr candidate diverged ({dict(tags)}): {scores}")
+    return min(finite, key=lambda lr: scores[str(lr)]), scores
 
 
 Job = Callable[[MetricsLog, Callable[[int], None]], dict[str, Any]]
@@ -107,14 +177,22 @@ def run_jobs(
     cfg: TrainConfig,
     args: argparse.Namespace,
     previous: dict[str, Any] | None = None,
+    job_steps: Callable[[dict[str, Any]], int] | None = None,
 ) -> dict[str, Any]:
     """Run each (tags, job) under one progress bar, logging to ``args.out/metrics.jsonl``.
+
+    The bar counts outer steps: ``job_steps(tags)`` per job (default ``cfg.steps``).
 
     ``tags`` (e.g. ``{"method": "MSR-FC", "k": 1}``) name a job; its results.json entry and its
     metrics lines carry them. ``results.json`` is rewritten (atomically) after every job, so
     finished runs survive a crash; given the ``previous`` results (``--resume``), jobs already
     there are skipped and the metrics of a job cut off midway are dropped: it reruns from its
     start, and every job seeds itself, so the outcome equals an uninterrupted run.
+
+    With ``args.workers`` > 1 the jobs run in that many processes (one thread each); the
+    results equal a one-thread sequential run's (tested), the runs in results.json stay in job
+    order, and the bar moves when a job ends. The metrics lines of jobs that ran side by side
+    interleave.
     """
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path = args.out / "metrics.jsonl"
@@ -130,27 +208,78 @@ def run_jobs(
     else:
         results.update(runs=previous["runs"], wall_s=previous["wall_s"])
         keep_lines(metrics_path, lambda record: _finished(record, results["runs"], keys))
+    steps_of = job_steps or (lambda tags: cfg.steps)
+    order = {tuple(tags.values()): i for i, (tags, _) in enumerate(jobs)}
     prior_wall, start = results["wall_s"], time.perf_counter()
-    with (
-        MetricsLog(metrics_path) as log,
-        tqdm(
-            total=len(jobs) * cfg.steps,
-            desc="meta-training",
-            unit="step",
-            disable=dist.is_initialized() and dist.get_rank() > 0,
-        ) as bar,
-    ):
+
+    def record(entry: dict[str, Any]) -> None:
+        results["runs"].append(entry)  # kept in job order (runs of other jobs, resumed, last)
+        results["runs"].sort(key=lambda run: order.get(tuple(run.get(k) for k in keys), len(order)))
+        results["wall_s"] = prior_wall + time.perf_counter() - start
+        write_json_atomic(args.out / "results.json", results)
+
+    with tqdm(
+        total=sum(steps_of(tags) for tags, _ in jobs),
+        desc="meta-training",
+        unit="step",
+        disable=dist.is_initialized() and dist.get_rank() > 0,
+    ) as bar:
+        todo = []
         for tags, job in jobs:
             if _finished(tags, results["runs"], keys):
-                bar.update(cfg.steps)
-                continue
-            bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
-            results["runs"].append(job(log, bar.update))
-            results["wall_s"] = prior_wall + time.perf_counter() - start
-            write_json_atomic(args.out / "results.json", results)
+                bar.update(steps_of(tags))
+            else:
+                todo.append((tags, job))
+        if getattr(args, "workers", 1) > 1:
+            _run_in_processes(todo, args.workers, metrics_path, record, bar, steps_of)
+        else:
+            with MetricsLog(metrics_path) as log:
+                for tags, job in todo:
+                    bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
+                    record(job(log, bar.update))
     results["wall_s"] = prior_wall + time.perf_counter() - start
     write_json_atomic(args.out / "results.json", results)
     return results
+
+
+def _run_in_processes(
+    todo: Sequence[tuple[dict[str, Any], Job]],
+    workers: int,
+    metrics_path: Path,
+    record: Callable[[dict[str, Any]], None],
+    bar: tqdm,
+    steps_of: Callable[[dict[str, Any]], int],
+) -> None:
+    """Run jobs in a pool of ``workers`` processes; record each entry as it arrives. If a job
+    fails, the jobs not yet started are cancelled, the running ones still recorded, and the
+    first error raised."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
+    failure: BaseException | None = None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        futures = {pool.submit(_run_logged, job, metrics_path): tags for tags, job in todo}
+        for future in as_completed(futures):
+            try:
+                record(future.result())
+            except CancelledError:
+                continue
+            except Exception as error:  # re-raised below, once the running jobs are recorded
+                failure = failure or error
+                for pending in futures:
+                    pending.cancel()
+            bar.update(steps_of(futures[future]))
+    if failure is not None:
+        raise failure
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    keep_freed_memory()
+
+
+def _run_logged(job: Job, metrics_path: Path) -> dict[str, Any]:
+    """A job in a worker process: its own handle on the shared metrics log (line appends)."""
+    with MetricsLog(metrics_path) as log:
+        return job(log, lambda steps: None)
 
 
 def _finished(
@@ -172,7 +301,8 @@ def resume_from(
     if not path.exists():
         parser.error(f"--resume given but {path} does not exist")
     previous = json.loads(path.read_text())
-    expected = {**provenance(args.seed, args.preset), "config": asdict(cfg)}
+    # through JSON, as stored: tuples in the config become lists
+    expected = json.loads(json.dumps({**provenance(args.seed, args.preset), "config": asdict(cfg)}))
     different = {k: (previous.get(k), v) for k, v in expected.items() if previous.get(k) != v}
     if different:
         parser.error(f"{path} belongs to another run; differing (theirs, ours): {different}")
@@ -211,6 +341,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
     parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run the jobs in this many processes, one thread each (same results)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the runs already in DIR/results.json (same preset, seed, config and code) and "
@@ -223,6 +359,10 @@ def resolve_config(
 ) -> TrainConfig:
     """The preset named on the command line, with its overrides applied."""
     cfg = presets[args.preset]
+    if args.workers < 1:
+        parser.error(f"--workers must be positive, got {args.workers}")
+    if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--workers > 1 cannot be combined with torchrun (one process per rank)")
     if args.steps is not None:
         if args.steps < 1:
             parser.error(f"--steps must be positive, got {args.steps}")

@@ -73,3 +73,32 @@ def energy_share(U: Tensor, B: Tensor) -> float:
     basis_b = orthonormal_basis(B)
     u = U.detach().double()
     return float((basis_b.T @ u).pow(2).sum() / u.pow(2).sum())
+
+
+def effective_basis(U: Tensor, energy: float = 0.99) -> Tensor:
+    """Orthonormal basis of the strongest directions of span(U): the fewest left singular
+    vectors that hold ``energy`` of ||U||_F^2 (a MAML inner step moves W by U U^T g, so weak
+    directions barely move it)."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    left, singular, _ = torch.linalg.svd(U.detach().double(), full_matrices=False)
+    share = singular.square().cumsum(0) / singular.square().sum()
+    return left[:, : int((share < energy - 1e-12).sum()) + 1]
+
+
+def grassmann_distance(U: Tensor, B: Tensor) -> float:
+    """Distance in degrees between span(U) and span(B), also of different dimensions:
+    sqrt(sum of squared principal angles + 90^2 * |dim U - dim B|) (Ye & Lim, 2016)."""
+    angles = principal_angles(U, B)
+    mismatch = abs(orthonormal_basis(U).shape[1] - orthonormal_basis(B).shape[1])
+    return float((angles.square().sum() + 90.0**2 * mismatch).sqrt())
+
+
+def kernel_mode_matrix(U: Tensor, kernel_numel: int) -> Tensor:
+    """U of a conv kernel (numel, latent), rearranged to (kernel pixels, everything else): its
+    left singular vectors are the filter directions U uses, whatever the channel sharing. For
+    U = U_out (x) U_in (x) U_kernel its singular values are U_kernel's times ||U_out|| ||U_in||."""
+    if U.shape[0] % kernel_numel:
+        raise ValueError(f"U has {U.shape[0]} rows, not a multiple of {kernel_numel} pixels")
+    u = U.detach().double()
+    return u.view(-1, kernel_numel, u.shape[1]).transpose(0, 1).reshape(kernel_numel, -1)

@@ -1,12 +1,17 @@
-"""2-D regression tasks equivariant to rotations (C4) or rotations and flips (D4) (MSR Table 2).
+"""2-D regression tasks equivariant to rotations (C_N) or rotations and flips (D_N) (MSR Table 2).
 
-Every task is a lifting group convolution: ``filters`` free 3x3 kernels, each copied once per
-group element (rotated / flipped exactly on the pixel grid), give ``filters * |G|`` output
-channels; y = conv2d(x, W) ('valid'), so 32x32 single-channel inputs give 30x30 outputs. The
-free weights are drawn per task ~ N(0, 1/k^2) (output variance about 1); inputs x ~ N(0, I).
-The original paper used C8 / D8 through e2cnn and stored ~18 GB; the exact 90-degree groups are
-used here instead, so that equivariance holds to float precision, and tasks stream from a
-``TaskPool``.
+Every task is a lifting group convolution of a 32x32 single-channel input x ~ N(0, I): a kernel
+W = B w in a group-convolution basis B, with w drawn per task, gives ``filters * |G|`` output
+channels; y = conv2d(x, W) ('valid') is 30x30. Two families of B:
+
+- ``Steerable2D`` (the paper's data, C8 / D8): e2cnn's band-limited steerable basis
+  (``msr.bases.steerable_lifting2d``), 3 regular fields of 3x3 kernels, 18 coefficients drawn
+  with e2cnn's init (output variance 0.625 for C8, 0.5625 for D8). Rotations by 45 degrees act
+  on the continuous filters; the 90-degree subgroup acts exactly on the pixel grid.
+- ``Rotation2D`` (the exact-grid variant, C4 / D4): 3 free 3x3 filters ~ N(0, 1/9), each copied
+  exactly at every group element on the pixel grid (``msr.bases.group_conv2d``); no band limit.
+
+The paper stored ~18 GB of tasks; here tasks stream from (seed, index) through ``TaskPool``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from synthetic.pool import TaskPool
 
 
 @dataclass(frozen=True)
-class Rotation2D(TaskPool):
-    """A data set of C4- or D4-equivariant convolution tasks; see the module docstring."""
+class LiftingConvTasks(TaskPool):
+    """Base of the 2-D data sets: tasks W = basis @ (coefficient_std * N(0, I))."""
 
     group_name: str = "c4"
     filters: int = 3
@@ -50,27 +55,78 @@ class Rotation2D(TaskPool):
     def out_channels(self) -> int:
         return self.filters * self.group.order
 
-    @cached_property
+    @property
     def basis(self) -> Tensor:
-        """The group-convolution sharing basis: (out * k * k, filters * k * k)."""
-        return bases.group_conv2d(self.group_name, 1, self.filters, self.kernel_size)
+        """The sharing basis of the data: (out_channels * k * k, latent)."""
+        raise NotImplementedError
+
+    @property
+    def coefficient_std(self) -> Tensor:
+        """Standard deviation of each coefficient of ``basis``: (latent,)."""
+        raise NotImplementedError
 
     def weights(self, coefficients: Tensor) -> Tensor:
-        """Conv kernels (..., out_channels, 1, k, k) for free weights (..., filters * k * k)."""
+        """Conv kernels (..., out_channels, 1, k, k) for coefficients (..., latent)."""
         k = self.kernel_size
         return (coefficients @ self.basis.T).unflatten(-1, (self.out_channels, 1, k, k))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         latent = self.basis.shape[1]
-        coefficients = torch.randn(latent, generator=generator) / self.kernel_size
+        coefficients = torch.randn(latent, generator=generator) * self.coefficient_std
         size = self.image_size
         x = torch.randn(self.examples_per_task, 1, size, size, generator=generator)
         return x, coefficients
 
     def targets(self, x: Tensor, coefficients: Tensor) -> Tensor:
-        """Targets of a task batch by one grouped conv: x (T, E, 1, H, W) -> (T, E, C, H', W')."""
-        tasks = x.shape[0]
-        kernels = self.weights(coefficients).flatten(0, 1)  # (T * C, 1, k, k)
-        stacked = x.transpose(0, 1).flatten(1, 2)  # (E, T, H, W): tasks become channel groups
-        y = F.conv2d(stacked, kernels, groups=tasks)  # (E, T * C, H', W')
-        return y.unflatten(1, (tasks, self.out_channels)).transpose(0, 1)
+        """Targets of a task batch: x (T, E, 1, H, W) -> (T, E, C, H', W').
+
+        One conv per task: measured 3-4x faster than a single grouped conv over the batch
+        (32 tasks: 13-18 vs 50 ms on one thread).
+        """
+        kernels = self.weights(coefficients)
+        return torch.stack([F.conv2d(inputs, k) for inputs, k in zip(x, kernels, strict=True)])
+
+
+@dataclass(frozen=True)
+class Rotation2D(LiftingConvTasks):
+    """The exact-grid variant: free filters copied at each element of C4 or D4 (see above)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.group.grid_elements) != self.group.order:
+            raise ValueError(
+                f"the exact-grid data needs a group that maps the pixel grid onto itself (c4, "
+                f"d4), got {self.group_name!r}; Steerable2D makes C_N / D_N data for any N"
+            )
+
+    @cached_property
+    def basis(self) -> Tensor:
+        return bases.group_conv2d(self.group_name, 1, self.filters, self.kernel_size)
+
+    @cached_property
+    def coefficient_std(self) -> Tensor:
+        return torch.full((self.basis.shape[1],), 1.0 / self.kernel_size)
+
+
+@dataclass(frozen=True)
+class Steerable2D(LiftingConvTasks):
+    """The paper's data: band-limited steerable filters of C_N or D_N (see above)."""
+
+    group_name: str = "c8"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+
+    @cached_property
+    def steerable(self) -> bases.SteerableBasis:
+        return bases.steerable_lifting2d(self.group_name, self.filters, self.kernel_size)
+
+    @property
+    def basis(self) -> Tensor:
+        return self.steerable.basis
+
+    @property
+    def coefficient_std(self) -> Tensor:
+        return self.steerable.coefficient_std

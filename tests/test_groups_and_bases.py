@@ -8,34 +8,48 @@ from msr.groups import C4, D4, get_group
 from msr.symmetry import equivariance_error
 
 
-@pytest.mark.parametrize("group, order", [(C4, 4), (D4, 8)])
-def test_group_table_is_a_group(group, order):
+@pytest.mark.parametrize("name, order", [("c4", 4), ("d4", 8), ("c8", 8), ("d8", 16), ("d3", 6)])
+def test_group_table_is_a_group(name, order):
+    group = get_group(name)
     assert group.order == order
     table = group.cayley
     assert torch.equal(table[0], torch.arange(order))  # identity on the left
     for g in range(order):
         assert sorted(table[g].tolist()) == list(range(order))  # Latin square
         assert table[g, group.inverse[g]] == 0
+        for h in range(order):  # the table is the product of the matrices acting on the plane
+            product = group.matrices[g] @ group.matrices[h]
+            torch.testing.assert_close(product, group.matrices[table[g, h]])
     x = torch.randn(2, 5, 5)
-    for g in range(order):
-        for h in range(order):
+    for g in group.grid_elements:
+        for h in group.grid_elements:
             composed = group.transform(group.transform(x, h), g)
             assert torch.equal(composed, group.transform(x, int(table[g, h])))
 
 
+def test_element_order_and_grid_elements_follow_e2cnn():
+    # element f * N + r is r^r f^f; r^1 turns counter-clockwise (y up); f mirrors x -> -x
+    d8 = get_group("d8")
+    assert d8.grid_elements == (0, 2, 4, 6, 8, 10, 12, 14)
+    x = torch.arange(9.0).view(3, 3)
+    assert torch.equal(d8.transform(x, 2), torch.rot90(x, 1))  # 90 degrees counter-clockwise
+    assert torch.equal(d8.transform(x, 8), torch.flip(x, dims=[1]))
+    assert get_group("C8") is get_group("c8")
+
+
 def test_c4_generator_is_a_quarter_turn():
     x = torch.arange(9.0).view(3, 3)
-    turns = [
-        group_elem
-        for group_elem in range(4)
-        if torch.equal(C4.transform(x, group_elem), torch.rot90(x, 1))
-    ]
-    assert len(turns) == 1
+    assert torch.equal(C4.transform(x, 1), torch.rot90(x, 1))
 
 
-def test_unknown_group_and_non_square_images():
-    with pytest.raises(ValueError, match="'c8'"):
-        get_group("c8")
+def test_unknown_group_off_grid_elements_and_non_square_images():
+    for name in ("e4", "c0", "c", "d-2"):
+        with pytest.raises(ValueError, match=f"unknown group '{name}'"):
+            get_group(name)
+    with pytest.raises(ValueError, match="element 1 of C8 does not map the pixel grid"):
+        get_group("c8").transform(torch.zeros(3, 3), 1)
+    with pytest.raises(ValueError, match=r"C8 has elements 0\.\.7, got 9"):
+        get_group("c8").transform(torch.zeros(3, 3), 9)
     with pytest.raises(ValueError, match="4x5"):
         C4.transform(torch.zeros(4, 5), 1)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -123,3 +137,9 @@ def test_basis_errors_name_the_value():
         bases.group_conv2d("c4", 1, -1, 3)
     with pytest.raises(ValueError, match=r"shape \(12, 2\), got \(3, 2\)"):
         MSRLinear.from_basis(torch.zeros(3, 2), 4, 3)
+    with pytest.raises(ValueError, match="C8 cannot do; use steerable_lifting2d"):
+        bases.group_conv2d("c8", 1, 3, 3)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        bases.steerable_lifting2d("c8", 3, 4)
+    with pytest.raises(ValueError, match="fields must be a positive integer, got 0"):
+        bases.steerable_lifting2d("d8", 0, 3)

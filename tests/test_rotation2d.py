@@ -1,15 +1,22 @@
-"""The 2-D group-convolution tasks: exact C4 / D4 equivariance of every generated task."""
+"""The 2-D group-convolution tasks: equivariance of every generated task, the paper's statistics."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from synthetic.rotation2d import Rotation2D
+from synthetic.rotation2d import Rotation2D, Steerable2D
 
 
-@pytest.mark.parametrize("group, channels", [("c4", 12), ("d4", 24)])
-def test_generated_tasks_are_equivariant(group, channels):
-    data = Rotation2D(group_name=group, seed=2, num_tasks=50)
+@pytest.mark.parametrize(
+    "data, channels",
+    [
+        (Rotation2D(group_name="c4", seed=2, num_tasks=50), 12),
+        (Rotation2D(group_name="d4", seed=2, num_tasks=50), 24),
+        (Steerable2D(group_name="c8", seed=2, num_tasks=50), 24),
+        (Steerable2D(group_name="d8", seed=2, num_tasks=50), 48),
+    ],
+)
+def test_generated_tasks_are_equivariant(data, channels):
     tasks, coefficients = data.tasks(torch.tensor([0, 41]))
     assert tasks.x_support.shape == (2, 1, 1, 32, 32)
     assert tasks.y_query.shape == (2, 19, channels, 30, 30)
@@ -17,11 +24,22 @@ def test_generated_tasks_are_equivariant(group, channels):
     for t in range(2):
         x = tasks.x_query[t]
         torch.testing.assert_close(tasks.y_query[t], F.conv2d(x, kernels[t]), rtol=0, atol=1e-5)
-        for g in range(data.group.order):
+        for g in data.group.grid_elements:  # all of C4 / D4; the 90-degree subgroup of C8 / D8
             moved_input = F.conv2d(data.group.transform(x, g), kernels[t])
             moved_output = data.group.act_regular(tasks.y_query[t], g)
             assert (moved_input - moved_output).abs().max() < 1e-5
-    assert 0.5 < tasks.y_query.var().item() < 2.0  # unit-scale targets
+    assert 0.1 < tasks.y_query.var().item() < 2.0  # unit-scale targets
+
+
+@pytest.mark.parametrize("group, variance", [("c8", 0.625), ("d8", 0.5625)])
+def test_steerable_tasks_have_the_paper_statistics(group, variance):
+    data = Steerable2D(group_name=group, seed=0, num_tasks=10_000, examples_per_task=2)
+    tasks, coefficients = data.tasks(torch.arange(600))
+    # e2cnn's init: W = B (std * N(0, I)); the sample std of each coefficient
+    sample_std = coefficients.std(dim=0) / data.coefficient_std
+    assert sample_std.sub(1).abs().max() < 0.15
+    # per-output variance of y (the analytic value is tested against e2cnn in test_steerable)
+    assert tasks.y_query.var().item() == pytest.approx(variance, rel=0.1)
 
 
 def test_tasks_differ_and_repeat():
@@ -30,16 +48,19 @@ def test_tasks_differ_and_repeat():
     assert torch.equal(first.y_query[2], again.y_query[0])
     assert not torch.allclose(coefficients[0], coefficients[1])
     assert coefficients.shape == (3, 27)  # 3 free 3x3 filters
+    assert Steerable2D(group_name="d8").tasks(torch.arange(2))[1].shape == (2, 18)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "factory, kwargs, message",
     [
-        ({"group_name": "c8"}, "unknown group 'c8'"),
-        ({"filters": 0}, "filters must be a positive integer, got 0"),
-        ({"kernel_size": 5, "image_size": 4}, "kernel_size=5 > image_size=4"),
+        (Rotation2D, {"group_name": "c8"}, "exact-grid data needs a group that maps the pixel"),
+        (Rotation2D, {"group_name": "q4"}, "unknown group 'q4'"),
+        (Rotation2D, {"filters": 0}, "filters must be a positive integer, got 0"),
+        (Rotation2D, {"kernel_size": 5, "image_size": 4}, "kernel_size=5 > image_size=4"),
+        (Steerable2D, {"kernel_size": 4}, "kernel_size must be odd, got 4"),
     ],
 )
-def test_bad_arguments(kwargs, message):
+def test_bad_arguments(factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Rotation2D(**kwargs)
+        factory(**kwargs)

@@ -1,56 +1,92 @@
 """End to end: the Table 2 driver through its command line, on the tiny preset."""
 
 import json
+import os
 import subprocess
 import sys
 
 from experiments.common import REPO_ROOT
-from experiments.rotation import METHODS
+from experiments.rotation import CANDIDATE_GROUPS, METHODS, PRESETS, PROTOCOLS
 
 
-def test_cli_tiny_preset_writes_results_and_scores(tmp_path):
+def _run(*arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "experiments.rotation", "--preset", "tiny", *arguments]
+    # one thread, as each worker of --workers uses: float sums then match to the last bit
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     out = tmp_path / "rot"
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.rotation",
-        "--preset",
-        "tiny",
-        "--group",
-        "d4",
-        "--seed",
-        "1",
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = _run("--group", "c8", "--seed", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "| MSR-Conv | D4 (D8) |" in done.stdout and "| 0.001 |" in done.stdout
+    assert "| C8 | MSR-Conv |" in done.stdout and "| 0.004 |" in done.stdout  # the paper's
+    assert "0.0058 ± 0.0004 / 0.0060 ± 0.0005" in done.stdout  # the authors' code
 
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 1 and results["preset"] == "tiny" and results["git_sha"]
-    runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == set(METHODS)
-    for run in runs.values():
-        assert run["group"] == "d4" and run["steps"] == 4 and run["mse"] > 0
-        assert 0 < run["equivariance_error"] < 1
-        assert 0 < run["U_energy_in_group_basis"] <= 1 and run["chance_energy"] == 1 / 8
-    # A frozen identity U holds exactly 1/|G| of its energy in the group basis.
-    assert abs(runs["MAML-Conv"]["U_energy_in_group_basis"] - 1 / 8) < 1e-9
-    assert runs["MAML-Conv"]["max_principal_angle_deg"] is None
-    assert 0 <= runs["MSR-Conv-dense"]["max_principal_angle_deg"] <= 90
+    runs = {(r["method"], r["protocol"]): r for r in results["runs"]}
+    assert set(runs) == {(m, p) for m in METHODS for p in PROTOCOLS}
+    candidates = PRESETS["tiny"].lr_candidates
+    for (method, protocol), run in runs.items():
+        assert run["group"] == "c8" and run["data"] == "steerable" and run["steps"] == 4
+        assert run["mse"] > 0 and 0 < run["equivariance_error"] < 1
+        if protocol == "paper":
+            assert run["inner_lr_init"] == 0.1 and "inner_lr_sweep" not in run
+        else:  # the level field: the sweep's choice and every candidate's training-task score
+            assert set(run["inner_lr_sweep"]) == {str(c) for c in candidates}
+            best = min(candidates, key=lambda c: run["inner_lr_sweep"][str(c)])
+            assert run["inner_lr_init"] == best
+        if method == "MAML-Conv":
+            assert "symmetry" not in run  # its U is not learned
+            continue
+        scores = run["symmetry"]
+        assert 0 < scores["energy_in_group_basis"] <= 1 and scores["chance_energy"] == 18 / 216
+        assert scores["chance_kernel_energy"] == 6 / 9  # the band limit keeps 6 of 9 directions
+        assert len(scores["kernel_singular_values"]) == 9
+        assert max(scores["kernel_singular_values"]) == 1.0
+        # 24 channels: regular fields of C4, D4 and C8 fit, D8's 16 do not
+        assert set(scores["group_distances_deg"]) == {"c4", "d4", "c8"} < set(CANDIDATE_GROUPS)
+        assert scores["nearest_group"] in scores["group_distances_deg"]
+    assert runs["MSR-Conv", "paper"]["symmetry"]["max_principal_angle_deg"] is None  # U square
+    assert 0 <= runs["MSR-Conv-dense", "paper"]["symmetry"]["max_principal_angle_deg"] <= 90
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 * len(METHODS)
-    assert {r["group"] for r in records} == {"d4"}
+    assert len(records) == 2 * len(METHODS) * len(PROTOCOLS)
+    assert {r["protocol"] for r in records} == set(PROTOCOLS)
+
+    # every job is finished: --resume (the config holds tuples, stored as JSON lists) reruns none
+    again = _run("--group", "c8", "--seed", "1", "--out", str(out), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+    # two worker processes: the same runs, in the same order
+    parallel = _run("--group", "c8", "--seed", "1", "--workers", "2", "--out", str(tmp_path / "p"))
+    assert parallel.returncode == 0, parallel.stderr
+    ours = json.loads((tmp_path / "p" / "results.json").read_text())["runs"]
+    assert [_without_wall(r) for r in ours] == [_without_wall(r) for r in results["runs"]]
 
 
-def test_cli_rejects_bad_inner_lr(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.rotation", "--inner-lr", "-1", "--out", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def _without_wall(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "wall_s"}
+
+
+def test_cli_exact_grid_variant(tmp_path):
+    out = tmp_path / "grid"
+    done = _run(
+        "--group", "d4", "--methods", "MSR-Conv-dense", "--protocols", "paper", "--out", str(out)
     )
+    assert done.returncode == 0, done.stderr
+    assert "| D4 (exact grid) | MSR-Conv-dense |" in done.stdout
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["data"] == "exact-grid" and run["paper_mse"] is None
+    assert run["symmetry"]["chance_energy"] == 27 / 216  # 3 free 3x3 filters in 24 x 9 weights
+
+
+def test_cli_rejects_bad_inner_lr_and_workers(tmp_path):
+    done = _run("--inner-lr", "-1", "--out", str(tmp_path))
     assert done.returncode == 2 and "--inner-lr must be positive, got -1.0" in done.stderr
+    done = _run("--workers", "0", "--out", str(tmp_path))
+    assert done.returncode == 2 and "--workers must be positive, got 0" in done.stderr

@@ -7,8 +7,11 @@ import torch
 
 from msr import bases
 from msr.symmetry import (
+    effective_basis,
     energy_share,
     equivariance_error,
+    grassmann_distance,
+    kernel_mode_matrix,
     principal_angles,
     subspace_recall,
     translation_equivariance_error,
@@ -48,3 +51,31 @@ def test_equivariance_error_scale():
     with pytest.raises(ValueError, match="shapes differ"):
         equivariance_error(a, a[:3])
     assert math.isclose(equivariance_error(torch.zeros(3), torch.zeros(3)), 0.0)
+
+
+def test_effective_basis_keeps_the_strong_directions():
+    U = torch.diag(torch.tensor([10.0, 10.0, 1.0, 0.01])).double()
+    assert effective_basis(U, energy=0.99).shape == (4, 2)  # 200 of 201.0001
+    assert effective_basis(U, energy=0.999).shape == (4, 3)
+    assert effective_basis(U, energy=1.0).shape == (4, 4)
+    with pytest.raises(ValueError, match="energy must be in"):
+        effective_basis(U, energy=0.0)
+
+
+def test_grassmann_distance_counts_angles_and_missing_dimensions():
+    e = torch.eye(6, dtype=torch.float64)
+    assert grassmann_distance(e[:, :2], e[:, :2] @ torch.randn(2, 2).double()) < 1e-5
+    assert grassmann_distance(e[:, :2], e[:, 2:4]) == pytest.approx(math.sqrt(2) * 90)
+    # a subspace of the other: only the dimension mismatch counts
+    assert grassmann_distance(e[:, :1], e[:, :4]) == pytest.approx(math.sqrt(3) * 90)
+    tilted = (e[:, 0] + e[:, 1]).unsqueeze(1)
+    assert grassmann_distance(tilted, e[:, :1]) == pytest.approx(45.0)
+
+
+def test_kernel_mode_of_a_kronecker_u_has_the_kernel_factor_spectrum():
+    A, C = torch.randn(4, 4).double(), torch.randn(9, 9).double()
+    U = torch.kron(torch.kron(A, torch.eye(1).double()), C)  # (out, in, pixel) order
+    expected = torch.linalg.svdvals(C) * A.norm()
+    torch.testing.assert_close(torch.linalg.svdvals(kernel_mode_matrix(U, 9)), expected)
+    with pytest.raises(ValueError, match="not a multiple of 9 pixels"):
+        kernel_mode_matrix(torch.zeros(10, 2), 9)
