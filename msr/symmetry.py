@@ -75,15 +75,16 @@ def energy_share(U: Tensor, B: Tensor) -> float:
     return float((basis_b.T @ u).pow(2).sum() / u.pow(2).sum())
 
 
-def effective_basis(U: Tensor, energy: float = 0.99) -> Tensor:
-    """Orthonormal basis of the strongest directions of span(U): the fewest left singular
-    vectors that hold ``energy`` of ||U||_F^2 (a MAML inner step moves W by U U^T g, so weak
-    directions barely move it)."""
-    if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+def effective_basis(U: Tensor, rtol: float = 0.1) -> Tensor:
+    """Orthonormal basis of the strong directions of span(U): the left singular vectors whose
+    singular value is at least ``rtol`` times the largest. A MAML inner step moves W by
+    U U^T g, so with the default a dropped direction moves W under 1% as far as the strongest."""
+    if not 0 < rtol <= 1:
+        raise ValueError(f"rtol must be in (0, 1], got {rtol}")
     left, singular, _ = torch.linalg.svd(U.detach().double(), full_matrices=False)
-    share = singular.square().cumsum(0) / singular.square().sum()
-    return left[:, : int((share < energy - 1e-12).sum()) + 1]
+    if singular.numel() == 0 or singular[0] == 0:
+        raise ValueError("the matrix is zero: its span is empty")
+    return left[:, singular >= rtol * singular[0]]
 
 
 def grassmann_distance(U: Tensor, B: Tensor) -> float:

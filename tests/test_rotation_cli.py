@@ -5,8 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from experiments.common import REPO_ROOT
-from experiments.rotation import CANDIDATE_GROUPS, METHODS, PRESETS, PROTOCOLS
+from experiments.rotation import (
+    CANDIDATE_GROUPS,
+    METHODS,
+    PRESETS,
+    PROTOCOLS,
+    make_data,
+    symmetry_scores,
+)
 
 
 def _run(*arguments: str) -> subprocess.CompletedProcess:
@@ -39,6 +49,7 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
             assert set(run["inner_lr_sweep"]) == {str(c) for c in candidates}
             best = min(candidates, key=lambda c: run["inner_lr_sweep"][str(c)])
             assert run["inner_lr_init"] == best
+            assert run["inner_lr_at_grid_edge"] is True  # the tiny grid has only two values
         if method == "MAML-Conv":
             assert "symmetry" not in run  # its U is not learned
             continue
@@ -50,6 +61,8 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
         # 24 channels: regular fields of C4, D4 and C8 fit, D8's 16 do not
         assert set(scores["group_distances_deg"]) == {"c4", "d4", "c8"} < set(CANDIDATE_GROUPS)
         assert scores["nearest_group"] in scores["group_distances_deg"]
+        nearest, share = scores["nearest_group"], scores["energy_in_nearest_group"]
+        assert scores["discovered_group"] == (nearest if share >= 0.9 else None)
     assert runs["MSR-Conv", "paper"]["symmetry"]["max_principal_angle_deg"] is None  # U square
     assert 0 <= runs["MSR-Conv-dense", "paper"]["symmetry"]["max_principal_angle_deg"] <= 90
 
@@ -71,6 +84,21 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
 
 def _without_wall(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "wall_s"}
+
+
+@pytest.mark.parametrize("group", ["c8", "d8"])
+def test_symmetry_scores_name_the_group_of_a_known_u(group):
+    data = make_data(group, seed=0)
+    mixing = torch.linalg.qr(torch.randn(18, 18))[0]
+    exact = symmetry_scores(data.basis @ mixing, data)  # span = the group's basis
+    assert exact["discovered_group"] == group and exact["group_distances_deg"][group] < 1e-3
+    assert exact["max_principal_angle_deg"] < 1e-3 and exact["energy_in_group_basis"] > 0.999
+    assert exact["kernel_energy_in_band_limit"] > 0.999
+    assert sum(v > 1e-3 for v in exact["kernel_singular_values"]) == 6  # the band limit
+    plain = symmetry_scores(torch.eye(data.basis.shape[0]), data)  # a plain conv's U
+    assert plain["discovered_group"] is None
+    assert plain["energy_in_group_basis"] == pytest.approx(plain["chance_energy"])
+    assert plain["kernel_energy_in_band_limit"] == pytest.approx(6 / 9)
 
 
 def test_cli_exact_grid_variant(tmp_path):

@@ -54,12 +54,15 @@ def test_equivariance_error_scale():
 
 
 def test_effective_basis_keeps_the_strong_directions():
-    U = torch.diag(torch.tensor([10.0, 10.0, 1.0, 0.01])).double()
-    assert effective_basis(U, energy=0.99).shape == (4, 2)  # 200 of 201.0001
-    assert effective_basis(U, energy=0.999).shape == (4, 3)
-    assert effective_basis(U, energy=1.0).shape == (4, 4)
-    with pytest.raises(ValueError, match="energy must be in"):
-        effective_basis(U, energy=0.0)
+    U = torch.diag(torch.tensor([10.0, 10.0, 1.0, 0.01])).double() @ torch.linalg.qr(
+        torch.randn(4, 4, dtype=torch.float64)
+    )[0]  # the right factor does not change span or strengths
+    assert effective_basis(U).shape == (4, 3)  # 0.01 is under 10% of 10
+    assert effective_basis(U, rtol=0.5).shape == (4, 2)
+    assert effective_basis(U, rtol=1e-4).shape == (4, 4)
+    assert principal_angles(effective_basis(U), torch.eye(4)[:, :3].double()).max() < 1e-6
+    with pytest.raises(ValueError, match="rtol must be in"):
+        effective_basis(U, rtol=0.0)
 
 
 def test_grassmann_distance_counts_angles_and_missing_dimensions():
