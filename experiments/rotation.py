@@ -42,7 +42,6 @@ from experiments.training import (
     sweep_inner_lr,
 )
 from msr import MAML, MSRConv2d, TaskBatch, bases
-from msr.groups import get_group
 from msr.symmetry import (
     effective_basis,
     energy_share,
@@ -168,8 +167,9 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     """How far a learned U recovered the data's group convolution (README, Table 2).
 
     "Which symmetry was discovered": the group among C4, D4, C8, D8 (those whose regular fields
-    fit the channels) whose steerable lifting basis is nearest to U's strong directions by
-    Grassmann distance, counted as discovered if it also holds 90% of U's energy.
+    fit the channels) whose lifting basis, of the data's own family (``group_basis``: steerable,
+    or on the exact grid C4 and D4 only), is nearest to U's strong directions by Grassmann
+    distance, counted as discovered if it also holds 90% of U's energy.
     """
     numel, pixels = U.shape[0], data.kernel_size**2
     rank = data.basis.shape[1]
@@ -178,9 +178,7 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     kernel_singular = torch.linalg.svdvals(kernel_mode)
     strongest = effective_basis(U)
     candidates = {
-        name: basis
-        for name in CANDIDATE_GROUPS
-        if (basis := _candidate_basis(name, data)) is not None
+        name: basis for name in CANDIDATE_GROUPS if (basis := data.group_basis(name)) is not None
     }
     distances = {name: grassmann_distance(strongest, b) for name, b in candidates.items()}
     nearest = min(distances, key=distances.__getitem__)
@@ -201,15 +199,6 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
         "energy_in_nearest_group": energy_in_nearest,
         "discovered_group": nearest if energy_in_nearest >= DISCOVERED_ENERGY else None,
     }
-
-
-def _candidate_basis(name: str, data: LiftingConvTasks) -> torch.Tensor | None:
-    """The steerable lifting basis of group ``name`` on the data's output channels, in fields
-    of that group's own element order; None if its order does not divide the channel count."""
-    order = get_group(name).order
-    if data.out_channels % order:
-        return None
-    return bases.steerable_lifting2d(name, data.out_channels // order, data.kernel_size).basis
 
 
 def run_one(
@@ -233,7 +222,14 @@ def run_one(
     inner_lr = cfg.inner_lr
     if protocol == "level":
         inner_lr, entry["inner_lr_sweep"] = sweep_inner_lr(
-            build, data, cfg, cfg.lr_candidates, cfg.sweep_steps, cfg.sweep_tasks, seed, advance,
+            build,
+            data,
+            cfg,
+            cfg.lr_candidates,
+            cfg.sweep_steps,
+            cfg.sweep_tasks,
+            seed,
+            advance,
             **tags,
         )
         # the sweep's best at the end of its grid: a wider grid might do better still

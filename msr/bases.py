@@ -193,9 +193,7 @@ def _band_limited_elements(group: Group, kernel_size: int) -> list[_Harmonic]:
     points = _grid_points(kernel_size)
     elements = []
     for radius, sigma in zip(radii, sigmas, strict=True):
-        for irrep, (size, harmonics, copies) in enumerate(
-            _regular_irreps(group, max_frequency)
-        ):
+        for irrep, (size, harmonics, copies) in enumerate(_regular_irreps(group, max_frequency)):
             for copy in range(copies):
                 for frequency, phase in harmonics:
                     if abs(frequency) > cutoff(radius):

@@ -65,6 +65,13 @@ class LiftingConvTasks(TaskPool):
         """Standard deviation of each coefficient of ``basis``: (latent,)."""
         raise NotImplementedError
 
+    def group_basis(self, group_name: str) -> Tensor | None:
+        """This family's basis for another group on the same output channels (regular fields
+        in that group's element order), or None where the family has none: its order does not
+        divide the channel count, or (exact grid) it does not map the pixel grid onto itself.
+        Used to ask which group a learned U is nearest to."""
+        raise NotImplementedError
+
     def weights(self, coefficients: Tensor) -> Tensor:
         """Conv kernels (..., out_channels, 1, k, k) for coefficients (..., latent)."""
         k = self.kernel_size
@@ -107,6 +114,13 @@ class Rotation2D(LiftingConvTasks):
     def coefficient_std(self) -> Tensor:
         return torch.full((self.basis.shape[1],), 1.0 / self.kernel_size)
 
+    def group_basis(self, group_name: str) -> Tensor | None:
+        group = get_group(group_name)
+        if self.out_channels % group.order or len(group.grid_elements) != group.order:
+            return None
+        fields = self.out_channels // group.order
+        return bases.group_conv2d(group_name, 1, fields, self.kernel_size)
+
 
 @dataclass(frozen=True)
 class Steerable2D(LiftingConvTasks):
@@ -130,3 +144,11 @@ class Steerable2D(LiftingConvTasks):
     @property
     def coefficient_std(self) -> Tensor:
         return self.steerable.coefficient_std
+
+    def group_basis(self, group_name: str) -> Tensor | None:
+        order = get_group(group_name).order
+        if self.out_channels % order:
+            return None
+        return bases.steerable_lifting2d(
+            group_name, self.out_channels // order, self.kernel_size
+        ).basis

@@ -108,17 +108,24 @@ def test_group_conv_basis_gives_an_equivariant_layer(name, in_channels):
     )  # an unconstrained conv is not equivariant
 
 
-@pytest.mark.parametrize("name, kronecker_rank", [("c4", 4), ("d4", 7)])
+@pytest.mark.parametrize(
+    "name, kronecker_rank",
+    [("c4", 4), ("d4", 7), ("steerable c8", 9), ("steerable d8", 17)],
+)
 def test_no_single_kronecker_product_is_close_to_the_group_conv_projector(name, kronecker_rank):
     """Why the paper's Kronecker MSR-Conv cannot learn group convolution (README, Table 2).
 
     Its inner update is preconditioned by U U^T = (A A^T) (x) (C C^T) over (output channel,
     kernel pixel). The projector P onto the group-conv weights is a sum of several Kronecker
     products (the rank of P rearranged as (out*out, k^4)); the nearest single one misses
-    sqrt(2/3) of it: only kernels invariant under the group, copied to every group element, are
-    both in span(P) and a Kronecker product (9 of the 27 dimensions).
+    sqrt(2/3) of it, for the exact-grid C4 / D4 bases (there only kernels invariant under the
+    group, copied to every group element, are both in span(P) and a Kronecker product: 9 of the
+    27 dimensions) and for the paper's steerable C8 / D8 bases alike.
     """
-    basis = bases.group_conv2d(name, 1, 3, 3).double()
+    if name.startswith("steerable"):
+        basis = bases.steerable_lifting2d(name.split()[1], 3, 3).basis.double()
+    else:
+        basis = bases.group_conv2d(name, 1, 3, 3).double()
     out = basis.shape[0] // 9
     Q, _ = torch.linalg.qr(basis)
     rearranged = (Q @ Q.T).view(out, 9, out, 9).permute(0, 2, 1, 3).reshape(out * out, 81)

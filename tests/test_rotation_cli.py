@@ -111,6 +111,15 @@ def test_cli_exact_grid_variant(tmp_path):
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert run["data"] == "exact-grid" and run["paper_mse"] is None
     assert run["symmetry"]["chance_energy"] == 27 / 216  # 3 free 3x3 filters in 24 x 9 weights
+    # compared with the exact-grid bases only: C8 and D8 do not map the pixel grid onto itself
+    assert set(run["symmetry"]["group_distances_deg"]) == {"c4", "d4"}
+
+
+def test_exact_grid_scores_name_the_grid_group():
+    data = make_data("d4", seed=0)
+    scores = symmetry_scores(data.basis @ torch.linalg.qr(torch.randn(27, 27))[0], data)
+    assert scores["discovered_group"] == "d4" and scores["group_distances_deg"]["d4"] < 1e-3
+    assert scores["group_distances_deg"]["c4"] > 45  # C4's 3-filter basis misses 9 of 27
 
 
 def test_cli_rejects_bad_inner_lr_and_workers(tmp_path):

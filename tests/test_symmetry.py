@@ -54,9 +54,10 @@ def test_equivariance_error_scale():
 
 
 def test_effective_basis_keeps_the_strong_directions():
-    U = torch.diag(torch.tensor([10.0, 10.0, 1.0, 0.01])).double() @ torch.linalg.qr(
-        torch.randn(4, 4, dtype=torch.float64)
-    )[0]  # the right factor does not change span or strengths
+    U = (
+        torch.diag(torch.tensor([10.0, 10.0, 1.0, 0.01])).double()
+        @ torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    )  # the right factor does not change span or strengths
     assert effective_basis(U).shape == (4, 3)  # 0.01 is under 10% of 10
     assert effective_basis(U, rtol=0.5).shape == (4, 2)
     assert effective_basis(U, rtol=1e-4).shape == (4, 4)
