@@ -29,6 +29,39 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
 
 
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device ``--device`` names (see ``DEVICE_HELP``), checked to exist on this machine.
+
+    On CUDA it also turns TF32 off for matmuls and cuDNN convolutions (torch allows it in
+    convolutions by default): the drivers compute in full fp32, as on the CPU.
+    """
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {spec!r}; expected {DEVICE_HELP}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if device.index is None:  # recorded as e.g. cuda:0 in results.json
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every allocation from its heap and keep freed memory for reuse.
 

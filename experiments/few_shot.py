@@ -7,8 +7,10 @@ Methods on the Conv-4 backbone: maml, maml-big (wider, at least as many meta-par
 msr), anil (only the head adapts), protonet, msr (every conv an MSRConv2d with a learned
 Kronecker U). Only the query sets are augmented (crop, flips, rotation), so the learned update
 has to absorb those symmetries. Writes DIR/metrics.jsonl as it goes, DIR/checkpoint.pt
-atomically every ``checkpoint_every`` steps (``--resume`` continues from it, bit for bit), and
-DIR/results.json with the test accuracy ± 95% CI beside the paper's number.
+atomically every ``checkpoint_every`` steps (``--resume`` continues from it, bit for bit on the
+same device, and on another device too), and DIR/results.json with the test accuracy ± 95% CI
+beside the paper's number. ``--device`` picks the device: the images are moved there once, and
+every episode is sampled and augmented there.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from experiments.common import (
+    DEVICE_HELP,
     REPO_ROOT,
     MetricsLog,
     atomic_write,
@@ -34,11 +37,13 @@ from experiments.common import (
     keep_lines,
     mean_ci95,
     provenance,
+    resolve_device,
     write_json_atomic,
 )
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import ImageClasses, augment_images, load_miniimagenet, load_omniglot, sample_episodes
 from msr.models import conv4
+from msr.streams import keyed_generator
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
 DATASETS = ("omniglot", "miniimagenet")
@@ -218,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", choices=("cpu", "paper", "tiny"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     args = parser.parse_args(argv)
@@ -230,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("ways", "shots"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     data = args.data or DEFAULT_DATA.get(args.dataset)
     if data is None:
         parser.error(f"--data is required for {args.dataset} (the standard layout's root)")
@@ -241,31 +251,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     run_provenance = provenance(args.seed, args.preset)  # the code as it starts, not as it ends
 
-    train_classes = load_split(args.dataset, data, "train", cfg.image_size)
-    val_classes = load_split(args.dataset, data, "val", cfg.image_size)
-    test_classes = load_split(args.dataset, data, "test", cfg.image_size)
+    train_classes, val_classes, test_classes = (
+        load_split(args.dataset, data, split, cfg.image_size).to(device)
+        for split in ("train", "val", "test")
+    )
     channels = train_classes.images.shape[2]
     torch.manual_seed(args.seed)
-    learner = build_learner(args.method, channels, args.ways, cfg)
+    learner = build_learner(args.method, channels, args.ways, cfg).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
-    sampler = torch.Generator().manual_seed(args.seed)
     first_step, elapsed = 1, 0.0
     run_identity = {
         k: str(getattr(args, k)) for k in ("dataset", "method", "ways", "shots", "seed")
     }
     if args.resume:
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state["run"] != run_identity:
             parser.error(f"{checkpoint} belongs to the run {state['run']}, not {run_identity}")
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
-        sampler.set_state(state["sampler"])
         first_step, elapsed = state["step"] + 1, state["elapsed_s"]
         keep_lines(args.out / "metrics.jsonl", lambda record: record["step"] <= state["step"])
     else:
         (args.out / "metrics.jsonl").unlink(missing_ok=True)
 
-    def train_tasks() -> TaskBatch:
+    def train_tasks(step: int) -> TaskBatch:
+        """Step ``step``'s meta-batch, from its own stream: a resumed run, on any device,
+        draws what an uninterrupted one would (the same episodes on the same device type)."""
+        sampler = keyed_generator(args.seed, step, device)
         return sample_episodes(
             train_classes,
             cfg.meta_batch,
@@ -277,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     def episodes(classes: ImageClasses, seed: int) -> Callable[[int], TaskBatch]:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         return lambda n: sample_episodes(
             classes, n, args.ways, args.shots, cfg.queries, generator, augment_images
         )
@@ -289,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ):
         for step in range(first_step, cfg.steps + 1):
             optimizer.zero_grad()
-            loss = learner.meta_backward(train_tasks()).mean()
+            loss = learner.meta_backward(train_tasks(step)).mean()
             if not math.isfinite(loss.item()):
                 raise RuntimeError(
                     f"non-finite training loss {loss.item()} at step {step}; the last good "
@@ -312,7 +324,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "step": step,
                     "learner": learner.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "sampler": sampler.get_state(),
                     "elapsed_s": time.perf_counter() - start,
                     "config": asdict(cfg),
                 }
@@ -337,12 +348,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": count_parameters(learner),
         "steps": cfg.steps,
         "train_wall_s": train_wall,
+        "device": str(device),
     }
     write_json_atomic(args.out / "results.json", results)
     paper_text = f"{paper[0]:.1f} ± {paper[1]:.1f}" if paper else "n/a"
     print(
         f"\n{args.method} on Aug-{args.dataset} {args.ways}-way {args.shots}-shot "
-        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} steps, train {train_wall:.0f} s): "
+        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} steps on {device}, "
+        f"train {train_wall:.0f} s): "
         f"{mean:.1f} ± {ci95:.1f}% over {cfg.test_tasks} test tasks "
         f"(paper {paper_text}; chance {100 / args.ways:.0f}%)"
     )

@@ -23,6 +23,8 @@ def plot_sharing(
     vectors, strongest first; each reshaped to the weight's shape shows one sharing pattern.
     """
     shape = tuple(adapted_weight.shape)
+    adapted_weight, true_weight = adapted_weight.detach().cpu(), true_weight.detach().cpu()
+    U = None if U is None else U.detach().cpu()
     panels: list[tuple[str, Tensor]] = []
     if U is not None:
         left, singular, _ = torch.linalg.svd(U.detach().double(), full_matrices=False)

@@ -37,7 +37,6 @@ from experiments.training import (
     resolve_config,
     resume_from,
     run_jobs,
-    setup_distributed,
     summary_header,
     sweep_inner_lr,
 )
@@ -120,12 +119,12 @@ PRESETS = {
 }
 
 
-def make_data(group: str, seed: int) -> LiftingConvTasks:
+def make_data(group: str, seed: int, device: torch.device | str = "cpu") -> LiftingConvTasks:
     """The paper's steerable tasks for c8 / d8, the exact-grid variant for c4 / d4."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
     family = Steerable2D if group in STEERABLE_GROUPS else Rotation2D
-    return family(group_name=group, seed=seed, num_tasks=NUM_TASKS[group])
+    return family(group_name=group, seed=seed, num_tasks=NUM_TASKS[group], device=device)
 
 
 def build_model(method: str, data: LiftingConvTasks) -> MSRConv2d:
@@ -135,9 +134,11 @@ def build_model(method: str, data: LiftingConvTasks) -> MSRConv2d:
     channels, kernel = data.out_channels, data.kernel_size
     if method == "MSR-Conv-dense":
         numel, latent = data.basis.shape
-        U = torch.randn(numel, latent) * 0.01
-        return MSRConv2d.from_basis(U, 1, channels, kernel, learn_U=True, bias=False)
-    return MSRConv2d(1, channels, kernel, bias=False, learn_U=method == "MSR-Conv")
+        U = torch.randn(numel, latent, device="cpu") * 0.01  # the same init on every device
+        layer = MSRConv2d.from_basis(U, 1, channels, kernel, learn_U=True, bias=False)
+    else:
+        layer = MSRConv2d(1, channels, kernel, bias=False, learn_U=method == "MSR-Conv")
+    return layer.to(data.device)
 
 
 def adapted_equivariance_error(maml: MAML, data: LiftingConvTasks, test: TaskBatch) -> float:
@@ -173,7 +174,9 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     """
     numel, pixels = U.shape[0], data.kernel_size**2
     rank = data.basis.shape[1]
-    band_limited = bases.steerable_lifting2d(data.group_name, 1, data.kernel_size).filter_basis
+    band_limited = bases.steerable_lifting2d(
+        data.group_name, 1, data.kernel_size, device=U.device
+    ).filter_basis
     kernel_mode = kernel_mode_matrix(U, pixels)
     kernel_singular = torch.linalg.svdvals(kernel_mode)
     strongest = effective_basis(U)
@@ -207,11 +210,13 @@ def run_one(
     protocol: str,
     cfg: RotationConfig,
     seed: int,
+    device: torch.device,
     log: MetricsLog,
     advance: Callable[[int], None],
 ) -> dict[str, Any]:
-    """Meta-train one method on one group's tasks under one protocol; its results.json entry."""
-    data = make_data(group, seed)
+    """Meta-train one method on one group's tasks under one protocol on ``device``; its
+    results.json entry."""
+    data = make_data(group, seed, device)
     test, _ = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
     tags = {"method": method, "group": group, "protocol": protocol}
     entry: dict[str, Any] = dict(tags)
@@ -252,6 +257,7 @@ def run_one(
         "authors_code_ci95": authors[1],
         "steps": cfg.steps,
         "wall_s": wall,
+        "device": str(device),
         "equivariance_error": adapted_equivariance_error(maml, data, test),
     }
     if method in LEARNED_U:
@@ -346,12 +352,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     keep_freed_memory()
-    cfg = resolve_config(parser, args, PRESETS)
-    setup_distributed(args)
+    cfg, device = resolve_config(parser, args, PRESETS)
     jobs = [
         (
             {"method": method, "group": group, "protocol": protocol},
-            functools.partial(run_one, method, group, protocol, cfg, args.seed),
+            functools.partial(run_one, method, group, protocol, cfg, args.seed, device),
         )
         for group in args.group
         for protocol in args.protocols

@@ -30,7 +30,6 @@ from experiments.training import (
     resolve_config,
     resume_from,
     run_jobs,
-    setup_distributed,
     summary_header,
 )
 from msr import MAML, MSRLinear, TaskBatch, bases
@@ -109,14 +108,15 @@ def run_one(
     cfg: TrainConfig,
     seed: int,
     out: Path,
+    device: torch.device,
     log: MetricsLog,
     advance: Callable[[int], None],
 ) -> dict[str, Any]:
-    """Meta-train one method on one data set; return its results.json entry."""
+    """Meta-train one method on one data set on ``device``; return its results.json entry."""
     torch.manual_seed(seed)
-    data = Translation1D(k, seed=seed)
+    data = Translation1D(k, seed=seed, device=device)
     test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
-    maml = build_maml(build_model(method, k, data), cfg)
+    maml = build_maml(build_model(method, k, data).to(device), cfg)
     mse, ci95, wall = meta_train(maml, data, test, cfg, seed, log, advance, method=method, k=k)
     paper_mse, paper_ci95 = PAPER_TABLE1.get(method, {}).get(k, (None, None))
     entry: dict[str, Any] = {
@@ -128,6 +128,7 @@ def run_one(
         "paper_ci95": paper_ci95,
         "steps": cfg.steps,
         "wall_s": wall,
+        "device": str(device),
     }
     layer = maml.model
     if method in LEARNED_U:
@@ -190,12 +191,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     keep_freed_memory()
-    cfg = resolve_config(parser, args, PRESETS)
-    setup_distributed(args)
+    cfg, device = resolve_config(parser, args, PRESETS)
     jobs = [
         (
             {"method": method, "k": k},
-            functools.partial(run_one, method, k, cfg, args.seed, args.out),
+            functools.partial(run_one, method, k, cfg, args.seed, args.out, device),
         )
         for k in args.k
         for method in args.methods

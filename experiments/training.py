@@ -19,11 +19,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from experiments.common import (
+    DEVICE_HELP,
     MetricsLog,
     keep_freed_memory,
     keep_lines,
     mean_ci95,
     provenance,
+    resolve_device,
     write_json_atomic,
 )
 from msr import MAML, TaskBatch
@@ -313,23 +315,30 @@ def summary_header(cfg: TrainConfig, args: argparse.Namespace, results: dict[str
     """The line above a results table: what was measured, with which preset, seed and time."""
     return (
         f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
-        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps, "
+        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps on "
+        f"{', '.join(sorted({run.get('device', '?') for run in results['runs']}))}, "
         f"wall {results['wall_s']:.0f} s):\n"
     )
 
 
-def setup_distributed(args: argparse.Namespace) -> int:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the rank.
+def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the device
+    this process trains on: on CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl, on the CPU gloo.
 
     Ranks other than 0 write their files under ``args.out/rank<r>`` and show no progress bar.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank:
         args.out = args.out / f"rank{rank}"
-    return rank
+    return device
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, TrainConfig]) -> None:
@@ -340,6 +349,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
     parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument(
         "--workers",
         type=int,
@@ -356,13 +366,21 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
 
 def resolve_config(
     parser: argparse.ArgumentParser, args: argparse.Namespace, presets: Mapping[str, TrainConfig]
-) -> TrainConfig:
-    """The preset named on the command line, with its overrides applied."""
+) -> tuple[TrainConfig, torch.device]:
+    """The preset named on the command line, with its overrides applied, and the device to
+    train on (joining the process group under ``torchrun``)."""
     cfg = presets[args.preset]
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.workers < 1:
         parser.error(f"--workers must be positive, got {args.workers}")
-    if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.workers > 1 and torchrun:
         parser.error("--workers > 1 cannot be combined with torchrun (one process per rank)")
+    if torchrun and args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device}: under torchrun each rank uses cuda:LOCAL_RANK")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.steps is not None:
         if args.steps < 1:
             parser.error(f"--steps must be positive, got {args.steps}")
@@ -373,4 +391,4 @@ def resolve_config(
         if not args.inner_lr > 0:
             parser.error(f"--inner-lr must be positive, got {args.inner_lr}")
         cfg = replace(cfg, inner_lr=args.inner_lr)
-    return cfg
+    return cfg, setup_distributed(args, device)

@@ -3,6 +3,7 @@
 Every basis is a dense ``(numel(W), latent)`` matrix in the row-major ``vec`` of the weight it
 builds: ``(out, in)`` for a linear layer and ``(out, in, k, k)`` for a 2-D conv kernel.
 The MAML baselines are ``MSRLinear``/``MSRConv2d`` with one of these frozen as U.
+Each is built on the CPU (exactly, in float64 where it matters) and returned on ``device``.
 """
 
 from __future__ import annotations
@@ -16,42 +17,46 @@ from torch import Tensor
 from msr.groups import Group, get_group
 from msr.validation import check_positive_int
 
+Device = torch.device | str | None
 
-def identity(size: int) -> Tensor:
+
+def identity(size: int, device: Device = None) -> Tensor:
     """U = I: every weight is free (MAML-FC)."""
     check_positive_int("size", size)
-    return torch.eye(size)
+    return torch.eye(size, device=device)
 
 
-def conv1d(in_length: int, kernel_size: int) -> Tensor:
+def conv1d(in_length: int, kernel_size: int, device: Device = None) -> Tensor:
     """Banded Toeplitz basis of a single-channel 'valid' 1-D cross-correlation (MAML-Conv).
 
     Column j ties every W[p, p + j] together: y[p] = sum_j v[j] x[p + j], as ``nn.Conv1d``.
     Shape ``((in_length - k + 1) * in_length, k)``.
     """
     out_length = _valid_length(in_length, kernel_size)
-    basis = torch.zeros(out_length, in_length, kernel_size)
-    rows = torch.arange(out_length)
+    basis = torch.zeros(out_length, in_length, kernel_size, device="cpu")
+    rows = torch.arange(out_length, device="cpu")
     for j in range(kernel_size):
         basis[rows, rows + j, j] = 1.0
-    return basis.reshape(out_length * in_length, kernel_size)
+    return basis.reshape(out_length * in_length, kernel_size).to(device)
 
 
-def locally_connected1d(in_length: int, kernel_size: int) -> Tensor:
+def locally_connected1d(in_length: int, kernel_size: int, device: Device = None) -> Tensor:
     """Basis of a single-channel 'valid' 1-D locally connected layer (MAML-LC).
 
     Column ``p * k + j`` is the lone weight W[p, p + j]: each output position has its own filter.
     Shape ``((in_length - k + 1) * in_length, (in_length - k + 1) * k)``.
     """
     out_length = _valid_length(in_length, kernel_size)
-    basis = torch.zeros(out_length, in_length, out_length, kernel_size)
-    rows = torch.arange(out_length)
+    basis = torch.zeros(out_length, in_length, out_length, kernel_size, device="cpu")
+    rows = torch.arange(out_length, device="cpu")
     for j in range(kernel_size):
         basis[rows, rows + j, rows, j] = 1.0
-    return basis.reshape(out_length * in_length, out_length * kernel_size)
+    return basis.reshape(out_length * in_length, out_length * kernel_size).to(device)
 
 
-def group_conv2d(group: str, in_channels: int, filters: int, kernel_size: int) -> Tensor:
+def group_conv2d(
+    group: str, in_channels: int, filters: int, kernel_size: int, device: Device = None
+) -> Tensor:
     """Basis of an exact lifting group convolution of free filters for C4, D4 (or C2, D2, D1).
 
     The free parameters are ``filters`` kernels of shape (in_channels, k, k). Output channel
@@ -69,9 +74,11 @@ def group_conv2d(group: str, in_channels: int, filters: int, kernel_size: int) -
         check_positive_int(name, value)
     check_positive_int("kernel_size", kernel_size)
     latent = filters * in_channels * kernel_size**2
-    free = torch.eye(latent).T.reshape(latent, filters, 1, in_channels, kernel_size, kernel_size)
+    free = torch.eye(latent, device="cpu").T.reshape(
+        latent, filters, 1, in_channels, kernel_size, kernel_size
+    )
     copies = torch.cat([grp.transform(free, h) for h in range(grp.order)], dim=2)
-    return copies.reshape(latent, -1).T.contiguous()
+    return copies.reshape(latent, -1).T.contiguous().to(device)
 
 
 def _valid_length(in_length: int, kernel_size: int) -> int:
@@ -99,7 +106,9 @@ class SteerableBasis:
     filter_basis: Tensor
 
 
-def steerable_lifting2d(group: str, fields: int, kernel_size: int) -> SteerableBasis:
+def steerable_lifting2d(
+    group: str, fields: int, kernel_size: int, device: Device = None
+) -> SteerableBasis:
     """e2cnn's basis of a lifting convolution from one trivial field to ``fields`` regular fields.
 
     For C_N or D_N (``"c8"``, ``"d8"``, any N) and odd ``kernel_size``, with e2cnn 0.2.3's default
@@ -129,9 +138,9 @@ def steerable_lifting2d(group: str, fields: int, kernel_size: int) -> SteerableB
     field = torch.stack(columns, dim=1)  # (|G| * k * k, dim)
     dtype = torch.get_default_dtype()
     return SteerableBasis(
-        basis=torch.block_diag(*[field] * fields).to(dtype),
-        coefficient_std=torch.tensor(stds * fields, dtype=dtype),
-        filter_basis=torch.stack(filters, dim=1).to(dtype),
+        basis=torch.block_diag(*[field] * fields).to(device, dtype),
+        coefficient_std=torch.tensor(stds * fields, dtype=dtype, device=device),
+        filter_basis=torch.stack(filters, dim=1).to(device, dtype),
     )
 
 
@@ -139,8 +148,8 @@ def _grid_points(kernel_size: int) -> Tensor:
     """(x, y-up) coordinates of the kernel's pixels in row-major order, centred (e2cnn's grid)."""
     centre = (kernel_size - 1) / 2
     rows, cols = torch.meshgrid(
-        torch.arange(kernel_size, dtype=torch.float64),
-        torch.arange(kernel_size, dtype=torch.float64),
+        torch.arange(kernel_size, dtype=torch.float64, device="cpu"),
+        torch.arange(kernel_size, dtype=torch.float64, device="cpu"),
         indexing="ij",
     )
     return torch.stack([cols.flatten() - centre, centre - rows.flatten()])

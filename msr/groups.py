@@ -55,6 +55,7 @@ class Group:
                 [math.sin(twice_axis), -math.cos(twice_axis)],
             ],
             dtype=torch.float64,
+            device="cpu",  # cached tables stay on the CPU, whatever the default device
         )
         matrices = []
         for g in range(self.order):
@@ -63,6 +64,7 @@ class Group:
             rotation = torch.tensor(
                 [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
                 dtype=torch.float64,
+                device="cpu",
             )
             matrices.append(rotation @ reflection if flip else rotation)
         return torch.stack(matrices)
@@ -70,7 +72,7 @@ class Group:
     @cached_property
     def cayley(self) -> Tensor:
         """``cayley[g, h]`` is the index of the product g h."""
-        table = torch.empty(self.order, self.order, dtype=torch.long)
+        table = torch.empty(self.order, self.order, dtype=torch.long, device="cpu")
         for g in range(self.order):
             flip_g, steps_g = self.element(g)
             for h in range(self.order):
@@ -103,9 +105,8 @@ class Group:
                 f"only {list(self.grid_elements)} act exactly on images"
             )
         matrix = self.matrices[g].round().long()
-        return x.flatten(-2)[..., _pixel_permutation(matrix, x.shape[-2:])].unflatten(
-            -1, x.shape[-2:]
-        )
+        source = _pixel_permutation(matrix, x.shape[-2:]).to(x.device)
+        return x.flatten(-2)[..., source].unflatten(-1, x.shape[-2:])
 
     def act_regular(self, y: Tensor, g: int) -> Tensor:
         """Act with ``g`` on regular feature maps of shape (..., F * order, H, W).
@@ -119,7 +120,7 @@ class Group:
                 f"regular feature maps need a multiple of {self.order} channels, got {channels}"
             )
         grouped = y.unflatten(-3, (channels // self.order, self.order))
-        source = self.cayley[self.inverse[g]]  # h -> g^-1 h
+        source = self.cayley[self.inverse[g]].to(y.device)  # h -> g^-1 h
         return self.transform(grouped[..., source, :, :], g).flatten(-4, -3)
 
 
@@ -129,7 +130,7 @@ def _pixel_permutation(matrix: Tensor, shape: torch.Size) -> Tensor:
     if height != width:
         raise ValueError(f"grid group actions need square images, got {height}x{width}")
     # Doubled centred coordinates stay integral for even and odd sizes alike; y points up.
-    coords = torch.arange(height) * 2 - (height - 1)
+    coords = torch.arange(height, device="cpu") * 2 - (height - 1)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     points = torch.stack([cols.flatten(), -rows.flatten()])  # (x, y) per pixel
     inverse = torch.round(torch.linalg.inv(matrix.double())).long()

@@ -77,9 +77,14 @@ class MAML(EpisodicLearner):
         if not fast:
             raise ValueError("the model has no fast parameters for the inner loop to adapt")
         self.fast_names: tuple[str, ...] = tuple(fast)
-        dtype = model.get_parameter(fast[0]).dtype
+        first = model.get_parameter(fast[0])  # the inner lrs live beside the fast parameters
         self.inner_lrs = nn.ParameterDict(
-            {_lr_key(n): nn.Parameter(torch.tensor(float(inner_lr), dtype=dtype)) for n in fast}
+            {
+                _lr_key(n): nn.Parameter(
+                    torch.tensor(float(inner_lr), dtype=first.dtype, device=first.device)
+                )
+                for n in fast
+            }
         )
         self.inner_lrs.requires_grad_(learn_inner_lr)
 

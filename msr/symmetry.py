@@ -61,8 +61,9 @@ def translation_equivariance_error(
     out_length, in_length = weight.shape
     if not 0 < shift < out_length:
         raise ValueError(f"shift must be in [1, {out_length - 1}], got {shift}")
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, in_length, generator=generator, dtype=torch.float64)
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # the same inputs on any device
+    x = torch.randn(samples, in_length, generator=generator, dtype=torch.float64, device="cpu")
+    x = x.to(weight.device)
     w = weight.detach().double()
     shifted = torch.roll(x, shift, dims=1)
     return equivariance_error((shifted @ w.T)[:, shift:], (x @ w.T)[:, : out_length - shift])

@@ -78,10 +78,10 @@ class LiftingConvTasks(TaskPool):
         return (coefficients @ self.basis.T).unflatten(-1, (self.out_channels, 1, k, k))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        latent = self.basis.shape[1]
-        coefficients = torch.randn(latent, generator=generator) * self.coefficient_std
-        size = self.image_size
-        x = torch.randn(self.examples_per_task, 1, size, size, generator=generator)
+        latent, device, size = self.basis.shape[1], generator.device, self.image_size
+        coefficients = torch.randn(latent, generator=generator, device=device)
+        coefficients = coefficients * self.coefficient_std
+        x = torch.randn(self.examples_per_task, 1, size, size, generator=generator, device=device)
         return x, coefficients
 
     def targets(self, x: Tensor, coefficients: Tensor) -> Tensor:
@@ -108,18 +108,20 @@ class Rotation2D(LiftingConvTasks):
 
     @cached_property
     def basis(self) -> Tensor:
-        return bases.group_conv2d(self.group_name, 1, self.filters, self.kernel_size)
+        return bases.group_conv2d(
+            self.group_name, 1, self.filters, self.kernel_size, device=self.device
+        )
 
     @cached_property
     def coefficient_std(self) -> Tensor:
-        return torch.full((self.basis.shape[1],), 1.0 / self.kernel_size)
+        return torch.full((self.basis.shape[1],), 1.0 / self.kernel_size, device=self.device)
 
     def group_basis(self, group_name: str) -> Tensor | None:
         group = get_group(group_name)
         if self.out_channels % group.order or len(group.grid_elements) != group.order:
             return None
         fields = self.out_channels // group.order
-        return bases.group_conv2d(group_name, 1, fields, self.kernel_size)
+        return bases.group_conv2d(group_name, 1, fields, self.kernel_size, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,9 @@ class Steerable2D(LiftingConvTasks):
 
     @cached_property
     def steerable(self) -> bases.SteerableBasis:
-        return bases.steerable_lifting2d(self.group_name, self.filters, self.kernel_size)
+        return bases.steerable_lifting2d(
+            self.group_name, self.filters, self.kernel_size, device=self.device
+        )
 
     @property
     def basis(self) -> Tensor:
@@ -149,6 +153,7 @@ class Steerable2D(LiftingConvTasks):
         order = get_group(group_name).order
         if self.out_channels % order:
             return None
+        fields = self.out_channels // order
         return bases.steerable_lifting2d(
-            group_name, self.out_channels // order, self.kernel_size
+            group_name, fields, self.kernel_size, device=self.device
         ).basis

@@ -45,15 +45,17 @@ class Translation1D(TaskPool):
     def connectivity(self) -> Tensor:
         """C, shape (out_length, k): how each position mixes the k task filters."""
         if self.k == 1:
-            return torch.ones(self.out_length, 1)
-        logits = torch.randn(self.out_length, self.k, generator=self.generator(-1))
-        return torch.softmax(logits, dim=1)
+            return torch.ones(self.out_length, 1, device=self.device)
+        # drawn on the CPU: the same data set structure on every device
+        generator = self.generator(-1, device="cpu")
+        logits = torch.randn(self.out_length, self.k, generator=generator, device="cpu")
+        return torch.softmax(logits, dim=1).to(self.device)
 
     def true_basis(self) -> Tensor:
         """Basis of every weight matrix the generator can produce, shape (out*in, k*kernel)."""
         out, inp, ker = self.out_length, self.in_length, self.kernel_size
-        basis = torch.zeros(out, inp, self.k, ker)
-        rows = torch.arange(out)
+        basis = torch.zeros(out, inp, self.k, ker, device=self.device)
+        rows = torch.arange(out, device=self.device)
         for j in range(ker):
             basis[rows, rows + j, :, j] = self.connectivity
         return basis.reshape(out * inp, self.k * ker)
@@ -64,8 +66,9 @@ class Translation1D(TaskPool):
         return flat.unflatten(-1, (self.out_length, self.in_length))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        coefficients = torch.randn(self.k, self.kernel_size, generator=generator)
-        x = torch.randn(self.examples_per_task, self.in_length, generator=generator)
+        device = generator.device
+        coefficients = torch.randn(self.k, self.kernel_size, generator=generator, device=device)
+        x = torch.randn(self.examples_per_task, self.in_length, generator=generator, device=device)
         return x, coefficients
 
     def targets(self, x: Tensor, coefficients: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ def _run(*args, check=True):
 
 def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    done = _run("--method", "msr", "--preset", "tiny", "--out", whole)
+    done = _run("--method", "msr", "--preset", "tiny", "--device", "cpu", "--out", whole)
     assert "msr on Aug-omniglot 5-way 1-shot" in done.stdout and "paper 95.3" in done.stdout
     _run("--method", "msr", "--preset", "tiny", "--steps", "2", "--out", parts)
     refused = _run("--method", "msr", "--preset", "tiny", "--out", parts, check=False)
@@ -38,6 +38,7 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert a["accuracy"] == b["accuracy"] and a["ci95"] == b["ci95"]
     assert a["paper_accuracy"] == 95.3 and a["chance"] == 20.0 and a["steps"] == 4
     assert a["test_tasks"] == 4 and a["torch_version"].startswith("2.13.0")
+    assert a["device"] == b["device"] == "cpu"  # --device cpu, and auto on a CPU-only machine
     lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     assert (whole / "checkpoint.pt").exists()

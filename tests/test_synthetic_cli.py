@@ -7,7 +7,7 @@ import sys
 from experiments.common import REPO_ROOT
 from experiments.synthetic import LEARNED_U, METHODS, ORACLE, PAPER_TABLE1
 
-RUN_FIELDS = {"method", "k", "mse", "ci95", "paper_mse", "paper_ci95", "steps", "wall_s"}
+RUN_FIELDS = {"method", "k", "mse", "ci95", "paper_mse", "paper_ci95", "steps", "wall_s", "device"}
 
 
 def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
@@ -27,6 +27,8 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         "2",
         "--seed",
         "3",
+        "--device",
+        "cpu",
         "--out",
         str(out),
     ]
@@ -44,10 +46,11 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         assert run.keys() >= RUN_FIELDS
         paper = PAPER_TABLE1[method][k][0] if method != ORACLE else None
         assert run["paper_mse"] == paper
-        assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0
+        assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0 and run["device"] == "cpu"
         assert ("symmetry" in run) == (method in LEARNED_U)
         assert (out / f"U_{method}_k{k}.png").stat().st_size > 10_000
     assert f"| {ORACLE} |" in done.stdout and "(—)" in done.stdout
+    assert "6 outer steps on cpu" in done.stdout
     for k in (1, 2):  # the oracle starts at the generator's basis (chance recall is ~0.001)
         oracle = runs[(ORACLE, k)]["symmetry"]
         assert oracle["recall"] > 0.9 and oracle["chance_recall"] == 3 * k / 4760

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from msr.episodic import TaskBatch
-from msr.validation import check_positive_int
+from msr.validation import check_positive_int, check_same_device
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class ImageClasses:
     def num_classes(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device | str) -> ImageClasses:
+        """The same classes with their images on ``device`` (moved once, sampled there)."""
+        return ImageClasses(self.images.to(device), self.names)
+
 
 def sample_episodes(
     classes: ImageClasses,
@@ -45,7 +49,8 @@ def sample_episodes(
     images per class (distinct images), labels 0..ways-1 in random order.
 
     ``augment_query`` (e.g. ``augment_images``) transforms the query images only, as in
-    Aug-Omniglot / Aug-MiniImageNet. Every draw comes from ``generator``.
+    Aug-Omniglot / Aug-MiniImageNet. Every draw comes from ``generator``, which must live on
+    the images' device: episodes are then drawn, gathered and augmented there, with no copy.
     """
     for name, value in (
         ("num_tasks", num_tasks),
@@ -54,6 +59,8 @@ def sample_episodes(
         ("queries", queries),
     ):
         check_positive_int(name, value)
+    check_same_device(generator, classes.images)
+    device = classes.images.device
     total_classes, per_class = classes.images.shape[:2]
     if ways > total_classes:
         raise ValueError(f"ways={ways} exceeds the {total_classes} classes available")
@@ -62,12 +69,15 @@ def sample_episodes(
             f"shots + queries = {shots + queries} exceeds the {per_class} images per class"
         )
     chosen = torch.stack(
-        [torch.randperm(total_classes, generator=generator)[:ways] for _ in range(num_tasks)]
+        [
+            torch.randperm(total_classes, generator=generator, device=device)[:ways]
+            for _ in range(num_tasks)
+        ]
     )  # (T, ways)
-    picks = torch.rand(num_tasks, ways, per_class, generator=generator).argsort(-1)
+    picks = torch.rand(num_tasks, ways, per_class, generator=generator, device=device).argsort(-1)
     picks = picks[..., : shots + queries]  # (T, ways, shots + queries), distinct per class
     images = classes.images[chosen.unsqueeze(-1), picks]  # (T, ways, S+Q, C, H, W)
-    labels = torch.arange(ways).view(1, ways, 1)
+    labels = torch.arange(ways, device=device).view(1, ways, 1)
 
     def flatten(part: Tensor) -> Tensor:
         return part.flatten(1, 2)

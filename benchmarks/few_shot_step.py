@@ -1,0 +1,167 @@
+"""Time per outer step of the few-shot paper protocol, and the projected wall time of its preset.
+
+    python -m benchmarks.few_shot_step [--device auto|cpu|cuda] [--repeats 10] [--full]
+
+Omniglot 5-way 1-shot as the ``paper`` preset runs it: Conv-4 with 64 channels, 32 tasks per
+step, 15 queries per class, 1 inner step, second order, Adam; the episodes are sampled and
+augmented on the device from the real Omniglot file. For MAML and MSR on each path:
+- ``loop``: one task at a time, backward after each (the driver's default);
+- ``vmap``: the meta-batch as one batched computation;
+- ``compile``: ``torch.compile`` of the loop's outer step, where torch can compile it;
+- ``tf32`` (CUDA only): the loop with TF32 matmuls and convolutions; its meta-gradients are
+  tested within 1% of fp32 (tests/test_cuda.py), the drivers keep fp32.
+Each (method, path) runs in a fresh process: the median of ``--repeats`` steps after 2 warm-up
+steps, and the peak memory the steps need above the loaded model and data (CUDA: peak allocated;
+CPU: peak resident-set growth, which includes one-time library buffers), then
+the projection of the preset's 60,000 steps (training only: evaluation adds ~2%). On the CPU the
+setting is scaled (16 channels, 4 tasks, 5 queries) so that the whole run takes minutes, unless
+``--full``; the projection is then of that scaled setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from experiments.common import REPO_ROOT, keep_freed_memory, resolve_device
+from experiments.few_shot import DEFAULT_DATA, PRESETS, FewShotConfig, build_learner, load_split
+from msr.data import augment_images, sample_episodes
+from msr.streams import keyed_generator
+
+METHODS = ("maml", "msr")
+PATHS = ("loop", "vmap", "compile", "tf32")
+WAYS, SHOTS = 5, 1
+SCALED = {"hidden": 16, "meta_batch": 4, "queries": 5}
+
+
+def measure(method: str, path: str, cfg: FewShotConfig, device: torch.device, repeats: int):
+    """(median ms per outer step, peak MiB of a step) of one method on one path."""
+    torch.manual_seed(0)
+    classes = load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+    learner = build_learner(
+        method, 1, WAYS, replace(cfg, batching="vmap" if path == "vmap" else "loop")
+    )
+    learner.to(device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
+    if path == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def outer_step(index: int) -> None:
+        optimizer.zero_grad()
+        tasks = sample_episodes(
+            classes,
+            cfg.meta_batch,
+            WAYS,
+            SHOTS,
+            cfg.queries,
+            keyed_generator(0, index, device),
+            augment_images,
+        )
+        learner.meta_backward(tasks)
+        optimizer.step()
+
+    step = torch.compile(outer_step) if path == "compile" else outer_step
+    times = []
+    baseline = _reset_peak(device)  # the peak covers the first step's allocations too
+    for index in range(repeats + 2):
+        _synchronize(device)
+        start = time.perf_counter()
+        step(index)
+        _synchronize(device)
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times), _peak_mib(device, baseline)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> float:
+    """Start a new peak-memory mark; returns the baseline (MiB) it is measured from."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as refs:  # resets VmHWM to the current RSS (Linux)
+        refs.write("5")
+    return _status_mib("VmRSS")
+
+
+def _peak_mib(device: torch.device, baseline: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - baseline
+    return _status_mib("VmHWM") - baseline
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        return int(re.search(key + r":\s+(\d+)", status.read()).group(1)) / 1024
+
+
+def run_isolated(method: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``measure`` in a fresh process (clean memory marks and compile caches)."""
+    command = [
+        sys.executable, "-m", "benchmarks.few_shot_step", "--one", method, path,
+        "--device", args.device, "--repeats", str(args.repeats), *(["--full"] if args.full else []),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no message"
+        return {"error": last[:160]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--full", action="store_true", help="the paper setting on the CPU too")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be positive, got {args.repeats}")
+    device = resolve_device(args.device)
+    paper = PRESETS["omniglot"]["paper"]
+    cfg = paper if args.full or device.type == "cuda" else replace(paper, **SCALED)
+    if args.one:
+        keep_freed_memory()  # as the drivers run
+        ms, peak = measure(*args.one, cfg, device, args.repeats)
+        print(json.dumps({"ms": ms, "peak_mib": peak}))
+        return
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    setting = "paper setting" if cfg == paper else f"scaled setting {SCALED}"
+    print(
+        f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads), median of {args.repeats}:"
+    )
+    print("method  path      ms/step   peak MiB   60,000 steps")
+    report: dict[str, Any] = {"device": name, "config": asdict(cfg), "rows": {}}
+    for method in METHODS:
+        for path in PATHS:
+            if path == "tf32" and device.type != "cuda":
+                continue
+            row = run_isolated(method, path, args)
+            report["rows"][f"{method}/{path}"] = row
+            if "error" in row:
+                print(f"{method:7s} {path:8s} fails: {row['error']}")
+                continue
+            hours = row["ms"] * paper.steps / 3.6e6
+            print(f"{method:7s} {path:8s} {row['ms']:8.1f} {row['peak_mib']:10.1f} {hours:9.2f} h")
+    loops = [report["rows"].get(f"{m}/loop", {}).get("ms") for m in METHODS]
+    if all(loops):
+        print(f"msr / maml (loop): {loops[1] / loops[0]:.2f}x")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
