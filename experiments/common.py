@@ -9,6 +9,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,6 +122,28 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_model(
+    path: Path, learner: torch.nn.Module, driver: str, seed: int, tags: dict[str, Any], config: Any
+) -> None:
+    """Write what a run learned (atomically): the learner's state dict on the CPU (the model's
+    parameters and buffers, and MAML's inner lrs), with what rebuilds it: the driver, seed, job
+    tags and config. Plain tensors and Python values only: ``load_model`` reads it with
+    ``weights_only=True``."""
+    payload = {
+        "driver": driver,
+        "seed": seed,
+        "tags": dict(tags),
+        "config": asdict(config),
+        "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},
+    }
+    atomic_write(path, lambda stream: torch.save(payload, stream))
+
+
+def load_model(path: Path) -> dict[str, Any]:
+    """A file written by ``save_model`` (no code runs while it loads)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -8,9 +8,10 @@ msr), anil (only the head adapts), protonet, msr (every conv an MSRConv2d with a
 Kronecker U). Only the query sets are augmented (crop, flips, rotation), so the learned update
 has to absorb those symmetries. Writes DIR/metrics.jsonl as it goes, DIR/checkpoint.pt
 atomically every ``checkpoint_every`` steps (``--resume`` continues from it, bit for bit on the
-same device, and on another device too), and DIR/results.json with the test accuracy ± 95% CI
-beside the paper's number. ``--device`` picks the device: the images are moved there once, and
-every episode is sampled and augmented there.
+same device, and on another device too), DIR/results.json with the test accuracy ± 95% CI
+beside the paper's number, and DIR/model_<method>_<ways>w<shots>s.pt (the trained learner).
+``--device`` picks the device: the images are moved there once, and every episode is sampled
+and augmented there.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from experiments.common import (
     mean_ci95,
     provenance,
     resolve_device,
+    save_model,
     write_json_atomic,
 )
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
@@ -351,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": str(device),
     }
     write_json_atomic(args.out / "results.json", results)
+    tags = {"method": args.method, "dataset": args.dataset, "ways": args.ways, "shots": args.shots}
+    model_file = args.out / f"model_{args.method}_{args.ways}w{args.shots}s.pt"
+    save_model(model_file, learner, "few_shot", args.seed, tags, cfg)
     paper_text = f"{paper[0]:.1f} ± {paper[1]:.1f}" if paper else "n/a"
     print(
         f"\n{args.method} on Aug-{args.dataset} {args.ways}-way {args.shots}-shot "

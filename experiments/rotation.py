@@ -13,8 +13,10 @@ filters copied exactly at each quarter turn / flip). Each method is one ``MSRCon
 Two protocols, side by side: ``paper`` starts every learned inner lr at 0.1 (the paper's);
 ``level`` starts each method's at the value a small sweep picks (short runs from each candidate,
 scored on *training* tasks; the choice and every score go to results.json). Writes
-DIR/metrics.jsonl, DIR/results.json and Markdown tables beside the paper's and the authors'-code
-numbers, with symmetry scores of every learned U.
+DIR/metrics.jsonl, DIR/results.json, DIR/model_<method>_<group>_<protocol>.pt (what each run
+learned), DIR/U_<method>_<group>_<protocol>.png (span(U)'s strongest directions as kernels, for
+every learned U; ``python -m experiments.redraw DIR`` redraws them) and Markdown tables beside
+the paper's and the authors'-code numbers, with symmetry scores of every learned U.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from experiments.common import MetricsLog, keep_freed_memory
+from experiments.common import MetricsLog, keep_freed_memory, save_model
 from experiments.training import (
     TrainConfig,
     add_run_arguments,
@@ -40,7 +42,7 @@ from experiments.training import (
     summary_header,
     sweep_inner_lr,
 )
-from msr import MAML, MSRConv2d, TaskBatch, bases
+from msr import MAML, MSRConv2d, TaskBatch, bases, viz
 from msr.symmetry import (
     effective_basis,
     energy_share,
@@ -210,6 +212,7 @@ def run_one(
     protocol: str,
     cfg: RotationConfig,
     seed: int,
+    out: Path,
     device: torch.device,
     log: MetricsLog,
     advance: Callable[[int], None],
@@ -262,7 +265,41 @@ def run_one(
     }
     if method in LEARNED_U:
         entry["symmetry"] = symmetry_scores(full_U(maml.model), data)
+    name = f"{method}_{group}_{protocol}"
+    save_model(out / f"model_{name}.pt", maml, "rotation", seed, tags, cfg)
+    draw_figure(maml, entry, data, out)
     return entry
+
+
+def draw_figure(
+    maml: MAML, entry: dict[str, Any], data: LiftingConvTasks, out: Path
+) -> Path | None:
+    """DIR/U_<method>_<group>_<protocol>.png: span(U)'s 3 strongest directions, each a kernel
+    shown as the filters of the first field's channels (a group convolution turns one filter
+    across them); None for MAML-Conv, whose U is not learned."""
+    if entry["method"] not in LEARNED_U:
+        return None
+    layer = maml.model
+    kernel_shape = (layer.out_channels, layer.in_channels, *layer.kernel_size)
+    name = f"{entry['method']}_{entry['group']}_{entry['protocol']}"
+    figure = viz.plot_conv_directions(
+        full_U(layer),
+        kernel_shape,
+        title=f"{name}: strongest directions of span(U), channels of field 0 "
+        f"(meta-test MSE {entry['mse']:.4f})",
+        channels=data.group.order,
+    )
+    return viz.save(figure, out / f"U_{name}.png")
+
+
+def redraw(saved: dict[str, Any], entry: dict[str, Any], out: Path) -> Path | None:
+    """Redraw a finished run's figure from its model file (``experiments.redraw``)."""
+    tags = saved["tags"]
+    cfg = RotationConfig(**saved["config"])
+    data = make_data(tags["group"], saved["seed"])
+    maml = build_maml(build_model(tags["method"], data), cfg)
+    maml.load_state_dict(saved["state_dict"])
+    return draw_figure(maml, entry, data, out)
 
 
 def _with_inner_lr(cfg: RotationConfig, inner_lr: float) -> RotationConfig:
@@ -356,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jobs = [
         (
             {"method": method, "group": group, "protocol": protocol},
-            functools.partial(run_one, method, group, protocol, cfg, args.seed, device),
+            functools.partial(run_one, method, group, protocol, cfg, args.seed, args.out, device),
         )
         for group in args.group
         for protocol in args.protocols

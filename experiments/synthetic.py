@@ -4,9 +4,11 @@
         --out DIR
 
 Trains each (method, k) with second-order MAML on the same streamed tasks, evaluates on 300 fixed
-held-out tasks, and writes DIR/metrics.jsonl (as it goes), DIR/results.json, and DIR/U_*.png
-(the learned sharing pattern and the adapted weight of a test task), then prints a Markdown
-table beside the paper's numbers. Data, models and protocol: ``shared/reference/msr_facts.md``.
+held-out tasks, and writes DIR/metrics.jsonl (as it goes), DIR/results.json,
+DIR/model_<method>_k<k>.pt (what each run learned) and DIR/U_<method>_k<k>.png (the learned
+sharing pattern and the adapted weight of a test task; ``python -m experiments.redraw DIR``
+redraws them from the model files), then prints a Markdown table beside the paper's numbers.
+Data, models and protocol: ``shared/reference/msr_facts.md``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.common import MetricsLog, keep_freed_memory
-from experiments.figures import plot_sharing
+from experiments.common import MetricsLog, keep_freed_memory, save_model
 from experiments.training import (
     TrainConfig,
     add_run_arguments,
@@ -32,7 +33,7 @@ from experiments.training import (
     run_jobs,
     summary_header,
 )
-from msr import MAML, MSRLinear, TaskBatch, bases
+from msr import MAML, MSRLinear, TaskBatch, bases, viz
 from msr.symmetry import (
     orthonormal_basis,
     principal_angles,
@@ -130,17 +131,44 @@ def run_one(
         "wall_s": wall,
         "device": str(device),
     }
-    layer = maml.model
     if method in LEARNED_U:
-        entry["symmetry"] = symmetry_scores(layer, maml, data, test)
-    plot_sharing(
-        out / f"U_{method}_k{k}.png",
-        title=f"{method}, k={k}: meta-test MSE {mse:.3f} ± {ci95:.3f}",
-        U=layer.U if method in LEARNED_U else None,
+        entry["symmetry"] = symmetry_scores(maml.model, maml, data, test)
+    save_model(
+        out / f"model_{method}_k{k}.pt", maml, "synthetic", seed, {"method": method, "k": k}, cfg
+    )
+    draw_figure(maml, entry, data, test, test_coefficients, out)
+    return entry
+
+
+def draw_figure(
+    maml: MAML,
+    entry: dict[str, Any],
+    data: Translation1D,
+    test: TaskBatch,
+    test_coefficients: torch.Tensor,
+    out: Path,
+) -> Path:
+    """DIR/U_<method>_k<k>.png: span(U)'s strongest directions, the weight adapted to the
+    first test task and that task's true weight."""
+    method, k = entry["method"], entry["k"]
+    figure = viz.plot_sharing(
+        maml.model.U if method in LEARNED_U else None,
         adapted_weight=maml.adapt(test.x_support[0], test.y_support[0]).weight,
         true_weight=data.weights(test_coefficients[0]),
+        title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
     )
-    return entry
+    return viz.save(figure, out / f"U_{method}_k{k}.png")
+
+
+def redraw(saved: dict[str, Any], entry: dict[str, Any], out: Path) -> Path:
+    """Redraw a finished run's figure from its model file (``experiments.redraw``)."""
+    method, k = saved["tags"]["method"], saved["tags"]["k"]
+    cfg = TrainConfig(**saved["config"])
+    data = Translation1D(k, seed=saved["seed"])
+    maml = build_maml(build_model(method, k, data), cfg)
+    maml.load_state_dict(saved["state_dict"])
+    test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
+    return draw_figure(maml, entry, data, test, test_coefficients, out)
 
 
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:

@@ -115,14 +115,36 @@ class EpisodicLearner(nn.Module):
         per_task = vmap(query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)
         return per_task(self._state(detach), *tasks)
 
+    def meta_loss(self, tasks: TaskBatch) -> Tensor:
+        """The mean query loss over the meta-batch, differentiable through the inner loop.
+
+        Call ``.backward()`` on it yourself, e.g. after adding a regularizer or through a
+        ``GradScaler``. It holds every task's graph until then; on the ``"loop"`` path
+        ``meta_backward`` saves that memory by backpropagating after each task.
+        """
+        return self._task_losses(check_tasks(tasks)).mean()
+
+    def _task_losses(self, tasks: TaskBatch) -> Tensor:
+        if self.batching == "vmap":
+            return self._run(tasks, detach=False, metrics={}, chunk_size=None)["loss"]
+        state = self._state(detach=False)
+        return torch.stack(
+            [
+                self._query(state, *tasks.task(i), {}, batched=False)["loss"]
+                for i in range(tasks.num_tasks)
+            ]
+        )
+
     def meta_backward(self, tasks: TaskBatch) -> Tensor:
         """Accumulate the meta-gradient of the mean query loss into ``.grad``; return task losses.
 
-        Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` after, as usual.
+        Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` after, as usual. The same
+        gradient as ``meta_loss(tasks).backward()``; on the ``"loop"`` path each task's graph is
+        freed as soon as its share of the gradient is accumulated.
         """
         tasks = check_tasks(tasks)
         if self.batching == "vmap":
-            losses = self._run(tasks, detach=False, metrics={}, chunk_size=None)["loss"]
+            losses = self._task_losses(tasks)
             losses.mean().backward()
             return losses.detach()
         losses = []

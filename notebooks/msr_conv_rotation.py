@@ -27,6 +27,11 @@
 
 # %%
 import os
+import sys
+from pathlib import Path
+
+# synthetic/ and experiments/ are not installed with msr: import them from the repository root
+sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
 
 import matplotlib.pyplot as plt
 import torch
@@ -38,6 +43,7 @@ from experiments.rotation import (
     symmetry_scores,
 )
 from experiments.training import TrainConfig, build_maml
+from msr import viz
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "400"))
 torch.manual_seed(0)
@@ -86,14 +92,7 @@ print(f"nearest group: {scores['nearest_group'].upper()} (distances: {distances}
 # Each column of U is a full 24-channel kernel; a direction of span(U) that is a C8 group
 # convolution shows one band-limited 3x3 filter turned by 45 degrees across a block of 8
 # channels. The strongest 3 directions, first field (channels 0-7):
-left, _, _ = torch.linalg.svd(U, full_matrices=False)
-fig, axes = plt.subplots(3, 8, figsize=(9, 3.6))
-for row in range(3):
-    kernels = left[:, row].view(24, 3, 3)
-    limit = float(kernels.abs().max())
-    for channel in range(8):
-        axes[row, channel].imshow(kernels[channel], cmap="RdBu_r", vmin=-limit, vmax=limit)
-        axes[row, channel].set_title(f"{45 * channel}°", fontsize=8)
-        axes[row, channel].axis("off")
-fig.suptitle("top 3 directions of span(U), channels of field 0 (turn h x 45°)")
+viz.plot_conv_directions(
+    U, (24, 1, 3, 3), "top 3 directions of span(U), channels of field 0 (turn h x 45°)"
+)
 plt.show()

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,11 +24,16 @@
 
 # %%
 import os
+import sys
+from pathlib import Path
+
+# synthetic/ and experiments/ are not installed with msr: import them from the repository root
+sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
 
 import matplotlib.pyplot as plt
 import torch
 
-from msr import MAML, MSRLinear, bases
+from msr import MAML, MSRLinear, bases, viz
 from msr.symmetry import principal_angles, subspace_recall, translation_equivariance_error
 from synthetic.translation1d import Translation1D
 
@@ -62,18 +72,15 @@ print(
 )
 
 # %%
-left, _, _ = torch.linalg.svd(U, full_matrices=False)
-panels = [(f"U direction {i + 1}", left[:, i].view(68, 70)) for i in range(3)]
-panels += [
-    ("conv basis (tap 1)", conv_basis[:, 1].view(68, 70)),
-    ("adapted W", adapted.weight.detach()),
-    ("true W", data.weights(test_filters[0])),
+corner = (slice(0, 20), slice(0, 22))  # the top-left 20x22 corner of each 68x70 matrix
+panels = [
+    (f"U direction {i + 1}", direction[corner])
+    for i, (_, direction) in enumerate(viz.sharing_directions(U, (68, 70), 3))
 ]
-fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3))
-for ax, (title, matrix) in zip(axes, panels, strict=True):
-    limit = float(matrix.abs().max()) or 1.0
-    ax.imshow(matrix[:20, :22], cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-fig.suptitle(f"top-left 20x22 corner; angle {angle:.1f} deg, recall {recall:.3f}")
+panels += [
+    ("conv basis (tap 1)", conv_basis[:, 1].view(68, 70)[corner]),
+    ("adapted W", adapted.weight[corner]),
+    ("true W", data.weights(test_filters[0])[corner]),
+]
+viz.plot_matrices(panels, f"top-left corner; angle {angle:.1f} deg, recall {recall:.3f}")
 plt.show()

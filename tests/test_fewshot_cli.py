@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from experiments.common import REPO_ROOT
 from experiments.few_shot import METHODS, PRESETS, build_learner, count_parameters
@@ -42,6 +43,12 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     assert (whole / "checkpoint.pt").exists()
+    saved = torch.load(whole / "model_msr_5w1s.pt", weights_only=True)
+    assert saved["driver"] == "few_shot" and saved["tags"]["method"] == "msr"
+    assert (
+        saved["state_dict"].keys()
+        == build_learner("msr", 1, 5, PRESETS["omniglot"]["tiny"]).state_dict().keys()
+    )
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "msr"])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msr import MAML, MSRConv2d, MSRLinear, TaskBatch, TaskBatchNorm
+from msr import MAML, MSRConv2d, MSRLinear, ProtoNet, TaskBatch, TaskBatchNorm
 from msr.reference import higher_meta_backward
 
 
@@ -203,3 +203,25 @@ def test_bad_task_batches():
         maml.meta_backward(TaskBatch(xs, ys, xq[:3], yq))
     with pytest.raises(ValueError, match="got 3"):
         maml.evaluate((xs, ys, xq))
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("learner_kind", ["maml", "protonet"])
+def test_meta_loss_backward_equals_meta_backward(batching, learner_kind):
+    """A user who calls ``meta_loss(tasks).backward()`` (to add a regularizer, or through a
+    GradScaler) gets the meta-gradient ``meta_backward`` accumulates."""
+    if learner_kind == "maml":
+        learner, tasks = MAML(_mlp(), batching=batching), _regression_tasks()
+    else:
+        encoder = nn.Sequential(nn.Linear(6, 5), nn.Tanh()).double()
+        labels = torch.arange(3).repeat(2).expand(4, 6)
+        x = torch.randn(4, 12, 6, dtype=torch.float64)
+        tasks = TaskBatch(x[:, :6], labels, x[:, 6:], labels)
+        learner = ProtoNet(encoder, ways=3, batching=batching)
+    losses, expected = _meta_grads(learner, tasks)
+    learner.zero_grad()
+    loss = learner.meta_loss(tasks)
+    assert loss.requires_grad and loss.item() == pytest.approx(losses.mean().item(), rel=1e-12)
+    loss.backward()
+    for name, parameter in learner.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-10, atol=1e-12)

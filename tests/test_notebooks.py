@@ -32,6 +32,7 @@ def test_notebook_executes_on_a_tiny_setting(script: Path, monkeypatch, tmp_path
     monkeypatch.setenv("MSR_NOTEBOOK_STEPS", "3")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MSR_REPOSITORY", str(REPO_ROOT))  # the kernel runs in tmp_path
     notebook = jupytext.read(script)
     NotebookClient(
         notebook,

@@ -70,6 +70,23 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     assert len(records) == 2 * len(METHODS) * len(PROTOCOLS)
     assert {r["protocol"] for r in records} == set(PROTOCOLS)
 
+    # each run's model is saved; the learned U's are drawn, and redrawn from the model files
+    assert len(list(out.glob("model_*.pt"))) == len(METHODS) * len(PROTOCOLS)
+    saved = torch.load(out / "model_MSR-Conv-dense_c8_level.pt", weights_only=True)
+    assert saved["driver"] == "rotation" and saved["config"]["lr_candidates"] == (0.1, 10.0)
+    assert saved["state_dict"]["model.U"].shape == (24 * 9, 18)
+    figures = sorted(out.glob("U_*.png"))
+    assert [f.name for f in figures] == sorted(
+        f"U_{m}_c8_{p}.png" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
+    )
+    drawn = [f.read_bytes() for f in figures]
+    redraw = subprocess.run(
+        [sys.executable, "-m", "experiments.redraw", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert redraw.returncode == 0, redraw.stderr
+    assert [f.read_bytes() for f in figures] == drawn
+
     # every job is finished: --resume (the config holds tuples, stored as JSON lists) reruns none
     again = _run("--group", "c8", "--seed", "1", "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr
@@ -127,3 +144,11 @@ def test_cli_rejects_bad_inner_lr_and_workers(tmp_path):
     assert done.returncode == 2 and "--inner-lr must be positive, got -1.0" in done.stderr
     done = _run("--workers", "0", "--out", str(tmp_path))
     assert done.returncode == 2 and "--workers must be positive, got 0" in done.stderr
+
+
+def test_redraw_refuses_a_directory_without_a_finished_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.redraw", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "results.json not found" in done.stderr

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from experiments.common import REPO_ROOT
 from experiments.synthetic import LEARNED_U, METHODS, ORACLE, PAPER_TABLE1
 
@@ -65,6 +67,20 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     ]
     assert len(records) == 12 and all(r["test_mse"] > 0 for r in records)
     assert records[-1]["test_mse"] == runs[(ORACLE, 2)]["mse"]
+
+    # what each run learned is saved, loads without running code, and redraws its figure
+    saved = torch.load(out / "model_MSR-FC_k1.pt", weights_only=True)
+    assert saved["driver"] == "synthetic" and saved["seed"] == 3
+    assert saved["tags"] == {"method": "MSR-FC", "k": 1} and saved["config"]["steps"] == 6
+    assert saved["state_dict"]["model.U"].shape == (68 * 70, 3)
+    assert len(list(out.glob("model_*.pt"))) == len(runs)
+    figure = out / "U_MSR-FC_k1.png"
+    drawn = figure.read_bytes()
+    figure.unlink()
+    redraw = [sys.executable, "-m", "experiments.redraw", str(out)]
+    done = subprocess.run(redraw, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {figure}" in done.stdout and figure.read_bytes() == drawn  # the same figure
 
 
 def test_cli_rejects_unknown_method(tmp_path):

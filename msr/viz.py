@@ -1,0 +1,124 @@
+"""Figures of a learned sharing matrix U and of the weights it makes (needs matplotlib).
+
+Only span(U) is identifiable (U v = (U R)(R^-1 v)), so U is shown through its left singular
+vectors, strongest first: each, reshaped to the layer's weight, is one sharing pattern. For a
+linear layer a pattern is an (out, in) matrix; for a conv layer it is a kernel, drawn as one
+small filter per output channel (a group convolution shows one filter turning across a field).
+Every function returns a matplotlib ``Figure``; ``save`` writes one and closes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def sharing_directions(U: Tensor, shape: Sequence[int], count: int) -> list[tuple[float, Tensor]]:
+    """The ``count`` strongest directions of span(U) as (singular value, weight of ``shape``)."""
+    left, singular, _ = torch.linalg.svd(U.detach().double().cpu(), full_matrices=False)
+    return [(float(singular[i]), left[:, i].view(*shape)) for i in range(min(count, U.shape[1]))]
+
+
+def plot_matrices(
+    panels: Sequence[tuple[str, Tensor]],
+    title: str,
+    xlabel: str = "input position",
+    ylabel: str = "output position",
+) -> Figure:
+    """A row of heatmaps of 2-D matrices, each on a symmetric colour scale around zero."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, matrix) in zip(axes[0], panels, strict=True):
+        matrix = matrix.detach().cpu().float()
+        limit = float(matrix.abs().max()) or 1.0
+        image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sharing(
+    U: Tensor | None,
+    adapted_weight: Tensor,
+    true_weight: Tensor | None = None,
+    title: str = "",
+    count: int = 4,
+) -> Figure:
+    """A linear layer: the ``count`` strongest directions of span(U) as weight matrices, then
+    the weight adapted to a task and (if given) that task's true weight."""
+    shape = tuple(adapted_weight.shape)
+    panels = []
+    if U is not None:
+        panels = [
+            (f"U direction {i + 1} (s.v. {value:.2g})", direction)
+            for i, (value, direction) in enumerate(sharing_directions(U, shape, count))
+        ]
+    panels.append(("adapted W (test task)", adapted_weight))
+    if true_weight is not None:
+        panels.append(("true W (test task)", true_weight))
+    return plot_matrices(panels, title)
+
+
+def plot_conv_directions(
+    U: Tensor,
+    kernel_shape: Sequence[int],
+    title: str = "",
+    count: int = 3,
+    channels: int = 8,
+    in_channel: int = 0,
+) -> Figure:
+    """A conv layer: each of the ``count`` strongest directions of span(U) as a kernel of
+    ``kernel_shape`` (out, in, kh, kw), one row per direction, the filters of the first
+    ``channels`` output channels (input channel ``in_channel``) along it."""
+    plt = _pyplot()
+    directions = sharing_directions(U, kernel_shape, count)
+    shown = min(channels, kernel_shape[0])
+    fig, axes = plt.subplots(
+        len(directions), shown, figsize=(1.1 * shown + 0.5, 1.2 * len(directions) + 0.6),
+        squeeze=False,
+    )  # fmt: skip
+    for row, (value, kernel) in enumerate(directions):
+        limit = float(kernel.abs().max()) or 1.0
+        for channel in range(shown):
+            ax = axes[row, channel]
+            filt = kernel[channel, in_channel].float().numpy()
+            ax.imshow(filt, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"channel {channel}", fontsize=7)
+        axes[row, 0].set_ylabel(f"dir. {row + 1}\ns.v. {value:.2g}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
+def _pyplot():  # the module, imported only when a figure is drawn
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            "msr.viz draws with matplotlib, which msr does not require: "
+            "pip install matplotlib (or msr[experiments])"
+        ) from error
+    return plt

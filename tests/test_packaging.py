@@ -1,0 +1,51 @@
+"""What installing msr asks of a user's environment: a torch range, only what msr/ imports."""
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msr
+from experiments.common import REPO_ROOT
+
+
+def _requirements() -> dict[str | None, set[str]]:
+    """{extra (None for the core): names of the required distributions}."""
+    grouped: dict[str | None, set[str]] = {}
+    for line in importlib.metadata.requires("msr"):
+        name = re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower()
+        extra = re.search(r'extra == "([^"]+)"', line)
+        grouped.setdefault(extra.group(1) if extra else None, set()).add(name)
+    return grouped
+
+
+def test_install_keeps_the_users_torch_and_asks_only_for_what_msr_imports():
+    requirements = _requirements()
+    assert requirements[None] == {"torch", "numpy", "pillow"}
+    torch_line = next(r for r in importlib.metadata.requires("msr") if r.startswith("torch"))
+    assert "==" not in torch_line and "<3" in torch_line and ">=2.13" in torch_line
+    assert {"scipy", "matplotlib", "tqdm"} <= requirements["experiments"]
+    assert {"higher", "pytest"} <= requirements["test"]
+    # the exact pin lives only in the project's own set-up
+    assert "torch==2.13.0" in (REPO_ROOT / "scripts" / "constraints.txt").read_text()
+
+
+def test_the_library_imports_without_the_experiment_dependencies():
+    blocked = ["scipy", "matplotlib", "tqdm", "higher", "tensorboard", "experiments", "synthetic"]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None  # importing it now fails\n"
+        "import msr, msr.bases, msr.data, msr.distributed, msr.groups, msr.streams\n"
+        "import msr.symmetry, msr.reference, msr.viz\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_one_version_and_type_information():
+    assert importlib.metadata.version("msr") == msr.__version__
+    assert (Path(msr.__file__).parent / "py.typed").is_file()
+    assert "version = attr: msr.__version__" in (REPO_ROOT / "setup.cfg").read_text()
