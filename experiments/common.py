@@ -98,10 +98,10 @@ def git_sha() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def provenance(seed: int, preset: str) -> dict[str, Any]:
-    """The fields every results.json carries."""
+def provenance(seed: int | list[int], preset: str) -> dict[str, Any]:
+    """The fields every results.json carries (``seeds`` for a run over several seeds)."""
     return {
-        "seed": seed,
+        "seeds" if isinstance(seed, list) else "seed": seed,
         "preset": preset,
         "torch_version": torch.__version__,
         "git_sha": git_sha(),

@@ -39,6 +39,7 @@ from experiments.training import (
     resolve_config,
     resume_from,
     run_jobs,
+    seed_table,
     summary_header,
     sweep_inner_lr,
 )
@@ -221,7 +222,7 @@ def run_one(
     results.json entry."""
     data = make_data(group, seed, device)
     test, _ = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
-    tags = {"method": method, "group": group, "protocol": protocol}
+    tags = {"method": method, "group": group, "protocol": protocol, "seed": seed}
     entry: dict[str, Any] = dict(tags)
 
     def build(inner_lr: float) -> MAML:
@@ -265,8 +266,7 @@ def run_one(
     }
     if method in LEARNED_U:
         entry["symmetry"] = symmetry_scores(full_U(maml.model), data)
-    name = f"{method}_{group}_{protocol}"
-    save_model(out / f"model_{name}.pt", maml, "rotation", seed, tags, cfg)
+    save_model(out / f"model_{_name(entry)}.pt", maml, "rotation", seed, tags, cfg)
     draw_figure(maml, entry, data, out)
     return entry
 
@@ -281,7 +281,7 @@ def draw_figure(
         return None
     layer = maml.model
     kernel_shape = (layer.out_channels, layer.in_channels, *layer.kernel_size)
-    name = f"{entry['method']}_{entry['group']}_{entry['protocol']}"
+    name = _name(entry)
     figure = viz.plot_conv_directions(
         full_U(layer),
         kernel_shape,
@@ -290,6 +290,10 @@ def draw_figure(
         channels=data.group.order,
     )
     return viz.save(figure, out / f"U_{name}.png")
+
+
+def _name(entry: dict[str, Any]) -> str:
+    return f"{entry['method']}_{entry['group']}_{entry['protocol']}_s{entry['seed']}"
 
 
 def redraw(saved: dict[str, Any], entry: dict[str, Any], out: Path) -> Path | None:
@@ -392,9 +396,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg, device = resolve_config(parser, args, PRESETS)
     jobs = [
         (
-            {"method": method, "group": group, "protocol": protocol},
-            functools.partial(run_one, method, group, protocol, cfg, args.seed, args.out, device),
+            {"method": method, "group": group, "protocol": protocol, "seed": seed},
+            functools.partial(run_one, method, group, protocol, cfg, seed, args.out, device),
         )
+        for seed in args.seeds
         for group in args.group
         for protocol in args.protocols
         for method in args.methods
@@ -406,7 +411,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg), job_steps)
     print(summary_header(cfg, args, results))
-    print(markdown_tables(results["runs"]))
+    if len(args.seeds) > 1:
+        print(seed_table(results["aggregate"]))
+    for seed in args.seeds:
+        if len(args.seeds) > 1:
+            print(f"\nSeed {seed}:\n")
+        print(markdown_tables([r for r in results["runs"] if r["seed"] == seed]))
     print(f"\nWrote {Path(args.out) / 'results.json'} and metrics.jsonl")
     return results
 

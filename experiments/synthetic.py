@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.common import MetricsLog, keep_freed_memory, save_model
+from experiments.common import MetricsLog, keep_freed_memory, save_model, write_json_atomic
 from experiments.training import (
     TrainConfig,
     add_run_arguments,
@@ -31,6 +31,7 @@ from experiments.training import (
     resolve_config,
     resume_from,
     run_jobs,
+    seed_table,
     summary_header,
 )
 from msr import MAML, MSRLinear, TaskBatch, bases, viz
@@ -118,11 +119,11 @@ def run_one(
     data = Translation1D(k, seed=seed, device=device)
     test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
     maml = build_maml(build_model(method, k, data).to(device), cfg)
-    mse, ci95, wall = meta_train(maml, data, test, cfg, seed, log, advance, method=method, k=k)
+    tags = {"method": method, "k": k, "seed": seed}
+    mse, ci95, wall = meta_train(maml, data, test, cfg, seed, log, advance, **tags)
     paper_mse, paper_ci95 = PAPER_TABLE1.get(method, {}).get(k, (None, None))
     entry: dict[str, Any] = {
-        "method": method,
-        "k": k,
+        **tags,
         "mse": mse,
         "ci95": ci95,
         "paper_mse": paper_mse,
@@ -133,9 +134,7 @@ def run_one(
     }
     if method in LEARNED_U:
         entry["symmetry"] = symmetry_scores(maml.model, maml, data, test)
-    save_model(
-        out / f"model_{method}_k{k}.pt", maml, "synthetic", seed, {"method": method, "k": k}, cfg
-    )
+    save_model(out / f"model_{_name(entry)}.pt", maml, "synthetic", seed, tags, cfg)
     draw_figure(maml, entry, data, test, test_coefficients, out)
     return entry
 
@@ -148,8 +147,8 @@ def draw_figure(
     test_coefficients: torch.Tensor,
     out: Path,
 ) -> Path:
-    """DIR/U_<method>_k<k>.png: span(U)'s strongest directions, the weight adapted to the
-    first test task and that task's true weight."""
+    """DIR/U_<method>_k<k>_s<seed>.png: span(U)'s strongest directions, the weight adapted to
+    the first test task and that task's true weight."""
     method, k = entry["method"], entry["k"]
     figure = viz.plot_sharing(
         maml.model.U if method in LEARNED_U else None,
@@ -157,7 +156,11 @@ def draw_figure(
         true_weight=data.weights(test_coefficients[0]),
         title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
     )
-    return viz.save(figure, out / f"U_{method}_k{k}.png")
+    return viz.save(figure, out / f"U_{_name(entry)}.png")
+
+
+def _name(entry: dict[str, Any]) -> str:
+    return f"{entry['method']}_k{entry['k']}_s{entry['seed']}"
 
 
 def redraw(saved: dict[str, Any], entry: dict[str, Any], out: Path) -> Path:
@@ -196,11 +199,31 @@ def _cell(run: dict[str, Any]) -> str:
     return f"{ours} ({run['paper_mse']:.2f} ± {run['paper_ci95']:.2f})"
 
 
+def oracle_floor(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per k and seed where both ran: MSR-FC's MSE, the MSR-FC-oracle's (the floor this
+    protocol reaches on that data draw) and MSR-FC's excess over it."""
+    mse = {(r["method"], r["k"], r["seed"]): r["mse"] for r in runs}
+    return [
+        {"k": k, "seed": seed, "msr_fc": value, "floor": floor, "above_floor": value - floor}
+        for (method, k, seed), value in mse.items()
+        if method == "MSR-FC" and (floor := mse.get((ORACLE, k, seed))) is not None
+    ]
+
+
+def floor_lines(floors: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        f"MSR-FC k={f['k']} seed {f['seed']}: {f['msr_fc']:.3f} vs oracle floor {f['floor']:.3f} "
+        f"({f['above_floor']:+.3f})"
+        for f in floors
+    ]
+
+
 def recovery_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
     return [
-        f"{r['method']} k={r['k']}: largest principal angle {s['max_principal_angle_deg']:.1f}°, "
-        f"recall {s['recall']:.3f} (chance {s['chance_recall']:.4f}), translation equivariance "
-        f"error of adapted W {s['translation_equivariance_error']:.2e}"
+        f"{r['method']} k={r['k']} seed {r['seed']}: largest principal angle "
+        f"{s['max_principal_angle_deg']:.1f}°, recall {s['recall']:.3f} "
+        f"(chance {s['chance_recall']:.4f}), translation equivariance error of adapted W "
+        f"{s['translation_equivariance_error']:.2e}"
         for r in runs
         if (s := r.get("symmetry"))
     ]
@@ -222,16 +245,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg, device = resolve_config(parser, args, PRESETS)
     jobs = [
         (
-            {"method": method, "k": k},
-            functools.partial(run_one, method, k, cfg, args.seed, args.out, device),
+            {"method": method, "k": k, "seed": seed},
+            functools.partial(run_one, method, k, cfg, seed, args.out, device),
         )
+        for seed in args.seeds
         for k in args.k
         for method in args.methods
     ]
     results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg))
+    results["oracle_floor"] = oracle_floor(results["runs"])
+    write_json_atomic(args.out / "results.json", results)
     print(summary_header(cfg, args, results))
-    print(markdown_table(results["runs"]))
-    for line in recovery_lines(results["runs"]):
+    if len(args.seeds) > 1:
+        print(seed_table(results["aggregate"]))
+    for seed in args.seeds:
+        runs = [r for r in results["runs"] if r["seed"] == seed]
+        if len(args.seeds) > 1:
+            print(f"\nSeed {seed}:\n")
+        print(markdown_table(runs))
+    for line in recovery_lines(results["runs"]) + floor_lines(results["oracle_floor"]):
         print(line)
     print(f"\nWrote {args.out}/results.json, metrics.jsonl and U_*.png")
     return results

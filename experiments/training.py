@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
@@ -107,6 +108,7 @@ def meta_train(
     seed: int,
     log: MetricsLog,
     advance: Callable[[int], None],
+    /,
     **tags: object,
 ) -> tuple[float, float, float]:
     """Run ``cfg.steps`` outer steps, scoring the test tasks every ``cfg.eval_every``.
@@ -138,6 +140,7 @@ def sweep_inner_lr(
     score_tasks: int,
     seed: int,
     advance: Callable[[int], None],
+    /,
     **tags: object,
 ) -> tuple[float, dict[str, float]]:
     """Choose the initial inner lr: meta-train a fresh model ``build(lr)`` for ``steps`` outer
@@ -185,11 +188,13 @@ def run_jobs(
 
     The bar counts outer steps: ``job_steps(tags)`` per job (default ``cfg.steps``).
 
-    ``tags`` (e.g. ``{"method": "MSR-FC", "k": 1}``) name a job; its results.json entry and its
-    metrics lines carry them. ``results.json`` is rewritten (atomically) after every job, so
-    finished runs survive a crash; given the ``previous`` results (``--resume``), jobs already
-    there are skipped and the metrics of a job cut off midway are dropped: it reruns from its
-    start, and every job seeds itself, so the outcome equals an uninterrupted run.
+    ``tags`` (e.g. ``{"method": "MSR-FC", "k": 1, "seed": 0}``) name a job; its results.json
+    entry and its metrics lines carry them. Runs that differ only in their seed are summarized
+    in results.json's ``aggregate`` (``aggregate_seeds``). ``results.json`` is rewritten
+    (atomically) after every job, so finished runs survive a crash; given the ``previous``
+    results (``--resume``), jobs already there are skipped and the metrics of a job cut off
+    midway are dropped: it reruns from its start, and every job seeds itself, so the outcome
+    equals an uninterrupted run.
 
     With ``args.workers`` > 1 the jobs run in that many processes (one thread each); the
     results equal a one-thread sequential run's (tested), the runs in results.json stay in job
@@ -199,9 +204,10 @@ def run_jobs(
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path = args.out / "metrics.jsonl"
     results: dict[str, Any] = {
-        **provenance(args.seed, args.preset),
+        **provenance(args.seeds, args.preset),
         "config": asdict(cfg),
         "runs": [],
+        "aggregate": [],
         "wall_s": 0.0,
     }
     keys = list(jobs[0][0]) if jobs else []  # the tag names, shared by every job
@@ -217,6 +223,7 @@ def run_jobs(
     def record(entry: dict[str, Any]) -> None:
         results["runs"].append(entry)  # kept in job order (runs of other jobs, resumed, last)
         results["runs"].sort(key=lambda run: order.get(tuple(run.get(k) for k in keys), len(order)))
+        results["aggregate"] = aggregate_seeds(results["runs"], keys)
         results["wall_s"] = prior_wall + time.perf_counter() - start
         write_json_atomic(args.out / "results.json", results)
 
@@ -239,9 +246,47 @@ def run_jobs(
                 for tags, job in todo:
                     bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
                     record(job(log, bar.update))
+    results["aggregate"] = aggregate_seeds(results["runs"], keys)
     results["wall_s"] = prior_wall + time.perf_counter() - start
     write_json_atomic(args.out / "results.json", results)
     return results
+
+
+def aggregate_seeds(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per job that differs only in its seed (tags ``keys`` but "seed"): the mean
+    meta-test MSE over seeds, its between-seed standard deviation (None for one seed) and the
+    per-seed values, in run order."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        tags = {k: run[k] for k in keys if k != "seed"}
+        row = rows.setdefault(tuple(tags.values()), {**tags, "seeds": [], "mse_per_seed": []})
+        row["seeds"].append(run["seed"])
+        row["mse_per_seed"].append(run["mse"])
+    for row in rows.values():
+        values = row["mse_per_seed"]
+        row["mse_mean"] = statistics.fmean(values)
+        row["mse_std_between_seeds"] = statistics.stdev(values) if len(values) > 1 else None
+    return list(rows.values())
+
+
+def seed_table(aggregate: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per job (its tags but the seed), the meta-test MSE over seeds as
+    'mean ± between-seed standard deviation', and each seed's value."""
+    tags = [k for k in aggregate[0] if k not in _AGGREGATE_FIELDS] if aggregate else []
+    lines = [
+        "| " + " | ".join([*tags, "MSE mean ± between-seed std", "per seed"]) + " |",
+        "| --- " * (len(tags) + 2) + "|",
+    ]
+    for row in aggregate:
+        spread = row["mse_std_between_seeds"]
+        mean = f"{row['mse_mean']:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+        pairs = zip(row["seeds"], row["mse_per_seed"], strict=True)
+        seeds = ", ".join(f"{value:.4f} (s{seed})" for seed, value in pairs)
+        lines.append("| " + " | ".join([*(str(row[k]) for k in tags), mean, seeds]) + " |")
+    return "\n".join(lines)
+
+
+_AGGREGATE_FIELDS = ("seeds", "mse_per_seed", "mse_mean", "mse_std_between_seeds")
 
 
 def _run_in_processes(
@@ -304,7 +349,9 @@ def resume_from(
         parser.error(f"--resume given but {path} does not exist")
     previous = json.loads(path.read_text())
     # through JSON, as stored: tuples in the config become lists
-    expected = json.loads(json.dumps({**provenance(args.seed, args.preset), "config": asdict(cfg)}))
+    expected = json.loads(
+        json.dumps({**provenance(args.seeds, args.preset), "config": asdict(cfg)})
+    )
     different = {k: (previous.get(k), v) for k, v in expected.items() if previous.get(k) != v}
     if different:
         parser.error(f"{path} belongs to another run; differing (theirs, ours): {different}")
@@ -315,7 +362,8 @@ def summary_header(cfg: TrainConfig, args: argparse.Namespace, results: dict[str
     """The line above a results table: what was measured, with which preset, seed and time."""
     return (
         f"\nMeta-test MSE ± 95% CI over {cfg.test_tasks} held-out tasks "
-        f"(preset {args.preset}, seed {args.seed}, {cfg.steps} outer steps on "
+        f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
+        f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on "
         f"{', '.join(sorted({run.get('device', '?') for run in results['runs']}))}, "
         f"wall {results['wall_s']:.0f} s):\n"
     )
@@ -344,7 +392,15 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
 def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, TrainConfig]) -> None:
     """The options every synthetic driver takes."""
     parser.add_argument("--preset", choices=sorted(presets), default="quick")
-    parser.add_argument("--seed", type=int, default=0)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every job once per seed (each seed draws its own data and initialization); "
+        "results.json gets the per-seed runs and an aggregate over seeds",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
@@ -370,6 +426,9 @@ def resolve_config(
     """The preset named on the command line, with its overrides applied, and the device to
     train on (joining the process group under ``torchrun``)."""
     cfg = presets[args.preset]
+    args.seeds = args.seeds or [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ, got {args.seeds}")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.workers < 1:
         parser.error(f"--workers must be positive, got {args.workers}")

@@ -173,12 +173,12 @@ def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
     )
     assert missing.returncode == 2 and "results.json does not exist" in missing.stderr
     out.mkdir()
-    (out / "results.json").write_text(json.dumps({"seed": 9, "preset": "tiny", "runs": []}))
+    (out / "results.json").write_text(json.dumps({"seeds": [9], "preset": "tiny", "runs": []}))
     foreign = subprocess.run(
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert foreign.returncode == 2 and "belongs to another run" in foreign.stderr
-    assert "'seed': (9, 2)" in foreign.stderr
+    assert "'seeds': ([9], [2])" in foreign.stderr
 
 
 def test_synthetic_non_finite_loss_stops_and_keeps_the_finished_runs(tmp_path, monkeypatch):

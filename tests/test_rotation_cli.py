@@ -36,7 +36,7 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     assert "0.0058 ± 0.0004 / 0.0060 ± 0.0005" in done.stdout  # the authors' code
 
     results = json.loads((out / "results.json").read_text())
-    assert results["seed"] == 1 and results["preset"] == "tiny" and results["git_sha"]
+    assert results["seeds"] == [1] and results["preset"] == "tiny" and results["git_sha"]
     runs = {(r["method"], r["protocol"]): r for r in results["runs"]}
     assert set(runs) == {(m, p) for m in METHODS for p in PROTOCOLS}
     candidates = PRESETS["tiny"].lr_candidates
@@ -72,12 +72,12 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
 
     # each run's model is saved; the learned U's are drawn, and redrawn from the model files
     assert len(list(out.glob("model_*.pt"))) == len(METHODS) * len(PROTOCOLS)
-    saved = torch.load(out / "model_MSR-Conv-dense_c8_level.pt", weights_only=True)
+    saved = torch.load(out / "model_MSR-Conv-dense_c8_level_s1.pt", weights_only=True)
     assert saved["driver"] == "rotation" and saved["config"]["lr_candidates"] == (0.1, 10.0)
     assert saved["state_dict"]["model.U"].shape == (24 * 9, 18)
     figures = sorted(out.glob("U_*.png"))
     assert [f.name for f in figures] == sorted(
-        f"U_{m}_c8_{p}.png" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
+        f"U_{m}_c8_{p}_s1.png" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
     )
     drawn = [f.read_bytes() for f in figures]
     redraw = subprocess.run(

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from experiments.common import REPO_ROOT
@@ -40,7 +41,7 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     assert "largest principal angle" in done.stdout
 
     results = json.loads((out / "results.json").read_text())
-    assert results["seed"] == 3 and results["preset"] == "tiny"
+    assert results["seeds"] == [3] and results["preset"] == "tiny"
     assert results["torch_version"].startswith("2.13.0") and results["git_sha"]
     runs = {(r["method"], r["k"]): r for r in results["runs"]}
     assert set(runs) == {(m, k) for m in ("MAML-Conv", "MSR-FC", ORACLE) for k in (1, 2)}
@@ -50,7 +51,7 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         assert run["paper_mse"] == paper
         assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0 and run["device"] == "cpu"
         assert ("symmetry" in run) == (method in LEARNED_U)
-        assert (out / f"U_{method}_k{k}.png").stat().st_size > 10_000
+        assert (out / f"U_{method}_k{k}_s3.png").stat().st_size > 10_000
     assert f"| {ORACLE} |" in done.stdout and "(—)" in done.stdout
     assert "6 outer steps on cpu" in done.stdout
     for k in (1, 2):  # the oracle starts at the generator's basis (chance recall is ~0.001)
@@ -69,12 +70,14 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     assert records[-1]["test_mse"] == runs[(ORACLE, 2)]["mse"]
 
     # what each run learned is saved, loads without running code, and redraws its figure
-    saved = torch.load(out / "model_MSR-FC_k1.pt", weights_only=True)
+    saved = torch.load(out / "model_MSR-FC_k1_s3.pt", weights_only=True)
     assert saved["driver"] == "synthetic" and saved["seed"] == 3
-    assert saved["tags"] == {"method": "MSR-FC", "k": 1} and saved["config"]["steps"] == 6
+    assert (
+        saved["tags"] == {"method": "MSR-FC", "k": 1, "seed": 3} and saved["config"]["steps"] == 6
+    )
     assert saved["state_dict"]["model.U"].shape == (68 * 70, 3)
     assert len(list(out.glob("model_*.pt"))) == len(runs)
-    figure = out / "U_MSR-FC_k1.png"
+    figure = out / "U_MSR-FC_k1_s3.png"
     drawn = figure.read_bytes()
     figure.unlink()
     redraw = [sys.executable, "-m", "experiments.redraw", str(out)]
@@ -101,3 +104,43 @@ def test_cli_rejects_unknown_method(tmp_path):
     )
     assert done.returncode == 2 and "invalid choice: 'MAML-XL'" in done.stderr
     assert set(METHODS) <= set(done.stderr.replace("'", " ").replace(",", " ").split())
+
+
+def test_cli_several_seeds_report_each_seed_an_aggregate_and_the_oracle_floor(tmp_path):
+    out = tmp_path / "seeds"
+    command = [
+        sys.executable, "-m", "experiments.synthetic", "--preset", "tiny",
+        "--methods", "MSR-FC", ORACLE, "--k", "5", "--seeds", "4", "7", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [4, 7] and "seed" not in results
+    mse = {(r["method"], r["seed"]): r["mse"] for r in results["runs"]}
+    assert set(mse) == {(m, s) for m in ("MSR-FC", ORACLE) for s in (4, 7)}
+    assert mse["MSR-FC", 4] != mse["MSR-FC", 7]  # each seed draws its own data and init
+    msr_fc = next(row for row in results["aggregate"] if row["method"] == "MSR-FC")
+    values = [mse["MSR-FC", 4], mse["MSR-FC", 7]]
+    assert msr_fc["seeds"] == [4, 7] and msr_fc["mse_per_seed"] == values
+    assert msr_fc["mse_mean"] == pytest.approx(sum(values) / 2)
+    assert msr_fc["mse_std_between_seeds"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    floors = {f["seed"]: f for f in results["oracle_floor"]}
+    assert floors[7]["floor"] == mse[ORACLE, 7] and floors[7]["msr_fc"] == mse["MSR-FC", 7]
+    assert "MSE mean ± between-seed std" in done.stdout and "Seed 7:" in done.stdout
+    assert "MSR-FC k=5 seed 4: " in done.stdout and "vs oracle floor" in done.stdout
+    # one seed alone gives the same numbers as inside the several-seed run
+    alone = out.parent / "alone"
+    single = [*command[:-5], "--seed", "7", "--out", str(alone)]
+    assert subprocess.run(single, cwd=REPO_ROOT, capture_output=True, timeout=300).returncode == 0
+    runs = json.loads((alone / "results.json").read_text())["runs"]
+    assert {r["method"]: r["mse"] for r in runs} == {m: mse[m, 7] for m in ("MSR-FC", ORACLE)}
+
+
+def test_cli_rejects_seed_with_seeds_and_repeated_seeds(tmp_path):
+    base = [sys.executable, "-m", "experiments.synthetic", "--out", str(tmp_path)]
+    both = subprocess.run([*base, "--seed", "1", "--seeds", "2"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    twice = subprocess.run([*base, "--seeds", "2", "2"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert twice.returncode == 2 and "--seeds must differ, got [2, 2]" in twice.stderr
