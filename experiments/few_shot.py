@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         load_split(args.dataset, data, split, cfg.image_size).to(device)
         for split in ("train", "val", "test")
     )
-    channels = train_classes.images.shape[2]
+    channels = train_classes.image_shape[0]
     torch.manual_seed(args.seed)
     learner = build_learner(args.method, channels, args.ways, cfg).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
