@@ -31,6 +31,7 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -160,19 +161,43 @@ def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log, flushed after every record so a killed run keeps its history."""
+    """Append-only JSON-lines log, flushed after every record so a killed run keeps its history;
+    the record of truth. With ``tensorboard`` (a folder), each record's float fields also go
+    to TensorBoard as scalars at its ``step``, under a name made of its other fields (e.g.
+    ``MSR-FC/k=1/seed=0/test_mse``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._stream = path.open("a")
+        self._board = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "--tensorboard needs the tensorboard package: pip install 'msr[experiments]'"
+                ) from error
+            self._board = SummaryWriter(str(tensorboard))
 
     def write(self, **record: Any) -> None:
         self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()
+        if self._board is not None:
+            run = "/".join(
+                str(v) if isinstance(v, str) else f"{k}={v}"
+                for k, v in record.items()
+                if k != "step" and not isinstance(v, float)
+            )
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self._board.add_scalar(f"{run}/{key}" if run else key, value, record["step"])
+            self._board.flush()
 
     def close(self) -> None:
         self._stream.close()
+        if self._board is not None:
+            self._board.close()
 
     def __enter__(self) -> MetricsLog:
         return self

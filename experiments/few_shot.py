@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from experiments.common import (
     DEVICE_HELP,
     REPO_ROOT,
+    TENSORBOARD_HELP,
     MetricsLog,
     atomic_write,
     keep_freed_memory,
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="override the preset's outer steps")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     args = parser.parse_args(argv)
@@ -298,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter() - elapsed
     with (
-        MetricsLog(args.out / "metrics.jsonl") as log,
+        MetricsLog(
+            args.out / "metrics.jsonl", args.out / "tensorboard" if args.tensorboard else None
+        ) as log,
         tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{args.method}", unit="step") as bar,
     ):
         for step in range(first_step, cfg.steps + 1):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from experiments.common import (
     DEVICE_HELP,
+    TENSORBOARD_HELP,
     MetricsLog,
     keep_freed_memory,
     keep_lines,
@@ -239,10 +240,11 @@ def run_jobs(
                 bar.update(steps_of(tags))
             else:
                 todo.append((tags, job))
-        if getattr(args, "workers", 1) > 1:
-            _run_in_processes(todo, args.workers, metrics_path, record, bar, steps_of)
+        board = args.out / "tensorboard" if args.tensorboard else None
+        if args.workers > 1:
+            _run_in_processes(todo, args.workers, (metrics_path, board), record, bar, steps_of)
         else:
-            with MetricsLog(metrics_path) as log:
+            with MetricsLog(metrics_path, board) as log:
                 for tags, job in todo:
                     bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
                     record(job(log, bar.update))
@@ -292,7 +294,7 @@ _AGGREGATE_FIELDS = ("seeds", "mse_per_seed", "mse_mean", "mse_std_between_seeds
 def _run_in_processes(
     todo: Sequence[tuple[dict[str, Any], Job]],
     workers: int,
-    metrics_path: Path,
+    logs: tuple[Path, Path | None],
     record: Callable[[dict[str, Any]], None],
     bar: tqdm,
     steps_of: Callable[[dict[str, Any]], int],
@@ -303,7 +305,7 @@ def _run_in_processes(
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
     failure: BaseException | None = None
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_run_logged, job, metrics_path): tags for tags, job in todo}
+        futures = {pool.submit(_run_logged, job, *logs): tags for tags, job in todo}
         for future in as_completed(futures):
             try:
                 record(future.result())
@@ -323,9 +325,9 @@ def _init_worker() -> None:
     keep_freed_memory()
 
 
-def _run_logged(job: Job, metrics_path: Path) -> dict[str, Any]:
+def _run_logged(job: Job, metrics_path: Path, board: Path | None) -> dict[str, Any]:
     """A job in a worker process: its own handle on the shared metrics log (line appends)."""
-    with MetricsLog(metrics_path) as log:
+    with MetricsLog(metrics_path, board) as log:
         return job(log, lambda steps: None)
 
 
@@ -406,6 +408,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
     parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     parser.add_argument(
         "--workers",
         type=int,

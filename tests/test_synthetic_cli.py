@@ -144,3 +144,22 @@ def test_cli_rejects_seed_with_seeds_and_repeated_seeds(tmp_path):
     twice = subprocess.run([*base, "--seeds", "2", "2"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert twice.returncode == 2 and "--seeds must differ, got [2, 2]" in twice.stderr
+
+
+def test_tensorboard_logs_the_same_numbers_as_the_metrics_file(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "board"
+    command = [
+        sys.executable, "-m", "experiments.synthetic", "--preset", "tiny", "--methods", "MSR-FC",
+        "--k", "2", "--seed", "5", "--tensorboard", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    events = board.Scalars("MSR-FC/k=2/seed=5/test_mse")
+    assert [(e.step, e.value) for e in events] == [
+        (r["step"], pytest.approx(r["test_mse"], rel=1e-6)) for r in records
+    ]
