@@ -6,7 +6,6 @@ meta-batch, either as one ``vmap``-ed computation (``batched=True``) or as a loo
 backpropagates after each task, for training (``meta_backward``) and for scoring (``evaluate``).
 """
 
-from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
@@ -33,7 +32,7 @@ class TaskBatch(NamedTuple):
     def num_tasks(self) -> int:
         return self.x_support.shape[0]
 
-    def task(self, index: int) -> TaskBatch:
+    def task(self, index: int) -> "TaskBatch":
         """The single task ``index`` (no task dimension)."""
         return TaskBatch(*(t[index] for t in self))
 
