@@ -17,6 +17,8 @@ import scipy.stats
 import torch
 from torch import Tensor
 
+from experiments.rundir import RunError, describe_write_error
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +33,7 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+OVERWRITE_HELP = "replace the earlier run's files in DIR (without it, a non-empty DIR is refused)"
 TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"
 
 
@@ -109,17 +112,35 @@ def provenance(seed: int | list[int], preset: str) -> dict[str, Any]:
     }
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file under this process's umask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a synced temporary file and a rename, so that a reader (or a
-    crash) never sees a half-written file."""
+    crash, or a stop) never sees a half-written file. The file follows the umask like any
+    other output. If the write fails (e.g. the disk is full) the previous ``path`` stays as it
+    was and ``WriteFailedError`` says so."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise describe_write_error(path, error) from error
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise describe_write_error(path, error) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -144,7 +165,13 @@ def save_model(
 
 def load_model(path: Path) -> dict[str, Any]:
     """A file written by ``save_model`` (no code runs while it loads)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch_file(path)
+    missing = {"driver", "seed", "tags", "config", "state_dict"} - set(
+        saved if isinstance(saved, dict) else ()
+    )
+    if missing:
+        raise RunError(f"{path} is not a model file of this project (missing {sorted(missing)})")
+    return saved
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -156,8 +183,46 @@ def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite a JSON-lines file (atomically) with only the records ``keep`` accepts; used on
     resume to forget what a killed run logged after its last saved state (it is redone)."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
+        kept = [line for line in read_lines(path) if keep(json.loads(line))]
         atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a missing, unreadable or corrupt file is a ``RunError``."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is not a readable JSON file ({error})") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a JSON-lines file, each checked to parse; a corrupt one is a ``RunError``."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunError(f"{path} cannot be read ({error})") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunError(f"{path}, line {number}: not a JSON record ({error})") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}, line {number}: not a JSON object")
+    return lines
+
+
+def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
+    """A checkpoint or model file, loaded with ``weights_only=True`` (tensors and plain Python
+    values only: a file that would run code is refused); any failure is a ``RunError``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist") from None
+    except Exception as error:  # torch raises many kinds: unpickling, zip, EOF, runtime
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"{path} cannot be loaded safely: {reason}") from None
 
 
 class MetricsLog:

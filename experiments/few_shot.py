@@ -31,24 +31,28 @@ from tqdm.auto import tqdm
 
 from experiments.common import (
     DEVICE_HELP,
+    OVERWRITE_HELP,
     REPO_ROOT,
     TENSORBOARD_HELP,
     MetricsLog,
     atomic_write,
     keep_freed_memory,
     keep_lines,
+    load_torch_file,
     mean_ci95,
     provenance,
     resolve_device,
     save_model,
     write_json_atomic,
 )
+from experiments.rundir import RunError, claim_output, run_cli
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import ImageClasses, augment_images, load_miniimagenet, load_omniglot, sample_episodes
 from msr.models import conv4
 from msr.streams import keyed_generator
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
+CHECKPOINT_FIELDS = {"run", "step", "learner", "optimizer", "elapsed_s"}
 DATASETS = ("omniglot", "miniimagenet")
 DEFAULT_DATA = {
     "omniglot": REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
@@ -230,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     keep_freed_memory()
     cfg = PRESETS[args.dataset][args.preset]
@@ -247,12 +252,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = args.data or DEFAULT_DATA.get(args.dataset)
     if data is None:
         parser.error(f"--data is required for {args.dataset} (the standard layout's root)")
+    with claim_output(args.out, args.resume, args.overwrite):
+        return _train(args, cfg, device, data)
+
+
+def _train(
+    args: argparse.Namespace, cfg: FewShotConfig, device: torch.device, data: Path
+) -> dict[str, Any]:
+    """Meta-train, checkpoint, test and write the results of one few-shot run."""
     checkpoint = args.out / "checkpoint.pt"
-    if checkpoint.exists() and not args.resume:
-        parser.error(f"{checkpoint} exists: pass --resume to continue it, or another --out")
     if args.resume and not checkpoint.exists():
-        parser.error(f"--resume given but {checkpoint} does not exist")
-    args.out.mkdir(parents=True, exist_ok=True)
+        raise RunError(f"--resume given but {checkpoint} does not exist")
     run_provenance = provenance(args.seed, args.preset)  # the code as it starts, not as it ends
 
     train_classes, val_classes, test_classes = (
@@ -268,9 +278,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         k: str(getattr(args, k)) for k in ("dataset", "method", "ways", "shots", "seed")
     }
     if args.resume:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = load_torch_file(checkpoint, map_location=device)
+        missing = CHECKPOINT_FIELDS - set(state if isinstance(state, dict) else ())
+        if missing:
+            raise RunError(
+                f"{checkpoint} is not a checkpoint of this driver (no {sorted(missing)})"
+            )
         if state["run"] != run_identity:
-            parser.error(f"{checkpoint} belongs to the run {state['run']}, not {run_identity}")
+            raise RunError(f"{checkpoint} belongs to the run {state['run']}, not {run_identity}")
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         first_step, elapsed = state["step"] + 1, state["elapsed_s"]
@@ -298,7 +313,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             classes, n, args.ways, args.shots, cfg.queries, generator, augment_images
         )
 
+    def save_checkpoint(step: int) -> None:
+        payload = {
+            "run": run_identity,
+            "step": step,
+            "learner": learner.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "elapsed_s": time.perf_counter() - start,
+            "config": asdict(cfg),
+        }
+        atomic_write(checkpoint, functools.partial(torch.save, payload))
+
     start = time.perf_counter() - elapsed
+    if not args.resume:
+        save_checkpoint(0)  # a run stopped before its first checkpoint resumes from here
     with (
         MetricsLog(
             args.out / "metrics.jsonl", args.out / "tensorboard" if args.tensorboard else None
@@ -325,15 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     elapsed_s=time.perf_counter() - start,
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                payload = {
-                    "run": run_identity,
-                    "step": step,
-                    "learner": learner.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "elapsed_s": time.perf_counter() - start,
-                    "config": asdict(cfg),
-                }
-                atomic_write(checkpoint, functools.partial(torch.save, payload))
+                save_checkpoint(step)
     train_wall = time.perf_counter() - start
     accuracies = evaluate(learner, episodes(test_classes, args.seed), cfg)
     mean, ci95 = mean_ci95(accuracies)
@@ -372,4 +392,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "experiments.few_shot")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from experiments.common import MetricsLog, keep_freed_memory, save_model
+from experiments.rundir import claim_output, run_cli
 from experiments.training import (
     TrainConfig,
     add_run_arguments,
@@ -394,6 +395,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     keep_freed_memory()
     cfg, device = resolve_config(parser, args, PRESETS)
+    with claim_output(args.out, args.resume, args.overwrite):
+        return _run(args, cfg, device)
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     jobs = [
         (
             {"method": method, "group": group, "protocol": protocol, "seed": seed},
@@ -409,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def job_steps(tags: dict[str, Any]) -> int:
         return cfg.steps + (sweep_steps if tags["protocol"] == "level" else 0)
 
-    results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg), job_steps)
+    results = run_jobs(jobs, cfg, args, resume_from(args, cfg), job_steps)
     print(summary_header(cfg, args, results))
     if len(args.seeds) > 1:
         print(seed_table(results["aggregate"]))
@@ -422,4 +428,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "experiments.rotation")

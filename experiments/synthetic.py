@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from experiments.common import MetricsLog, keep_freed_memory, save_model, write_json_atomic
+from experiments.rundir import claim_output, run_cli
 from experiments.training import (
     TrainConfig,
     add_run_arguments,
@@ -243,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     keep_freed_memory()
     cfg, device = resolve_config(parser, args, PRESETS)
+    with claim_output(args.out, args.resume, args.overwrite):
+        return _run(args, cfg, device)
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     jobs = [
         (
             {"method": method, "k": k, "seed": seed},
@@ -252,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for k in args.k
         for method in args.methods
     ]
-    results = run_jobs(jobs, cfg, args, resume_from(parser, args, cfg))
+    results = run_jobs(jobs, cfg, args, resume_from(args, cfg))
     results["oracle_floor"] = oracle_floor(results["runs"])
     write_json_atomic(args.out / "results.json", results)
     print(summary_header(cfg, args, results))
@@ -270,4 +276,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "experiments.synthetic")

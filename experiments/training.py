@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,15 +22,18 @@ from tqdm.auto import tqdm
 
 from experiments.common import (
     DEVICE_HELP,
+    OVERWRITE_HELP,
     TENSORBOARD_HELP,
     MetricsLog,
     keep_freed_memory,
     keep_lines,
     mean_ci95,
     provenance,
+    read_json,
     resolve_device,
     write_json_atomic,
 )
+from experiments.rundir import RunError
 from msr import MAML, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
 from msr.validation import check_positive_int
@@ -217,6 +221,7 @@ def run_jobs(
     else:
         results.update(runs=previous["runs"], wall_s=previous["wall_s"])
         keep_lines(metrics_path, lambda record: _finished(record, results["runs"], keys))
+    write_json_atomic(args.out / "results.json", results)  # a stop from here on can --resume
     steps_of = job_steps or (lambda tags: cfg.steps)
     order = {tuple(tags.values()): i for i, (tags, _) in enumerate(jobs)}
     prior_wall, start = results["wall_s"], time.perf_counter()
@@ -301,10 +306,12 @@ def _run_in_processes(
 ) -> None:
     """Run jobs in a pool of ``workers`` processes; record each entry as it arrives. If a job
     fails, the jobs not yet started are cancelled, the running ones still recorded, and the
-    first error raised."""
+    first error raised. If the run is stopped (SIGINT, SIGTERM), the workers are ended at once
+    and the jobs they ran are left for ``--resume``."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
     failure: BaseException | None = None
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    try:
         futures = {pool.submit(_run_logged, job, *logs): tags for tags, job in todo}
         for future in as_completed(futures):
             try:
@@ -316,11 +323,19 @@ def _run_in_processes(
                 for pending in futures:
                     pending.cancel()
             bar.update(steps_of(futures[future]))
+    except BaseException:  # stopped: end the workers rather than wait for their jobs
+        workers_alive = list(getattr(pool, "_processes", {}).values())  # no public handle
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers_alive:
+            process.terminate()
+        raise
+    pool.shutdown()
     if failure is not None:
         raise failure
 
 
 def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends us
     torch.set_num_threads(1)
     keep_freed_memory()
 
@@ -339,24 +354,25 @@ def _finished(
     return any(all(run.get(k) == record.get(k) for k in keys) for run in runs)
 
 
-def resume_from(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: TrainConfig
-) -> dict[str, Any] | None:
+def resume_from(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any] | None:
     """With ``--resume``, the finished runs in ``args.out/results.json``, checked to belong to
-    this run (same preset, seed, config and code); ``None`` without it."""
+    this run (same preset, seeds, config and code); ``None`` without it. A missing, corrupt or
+    foreign file is a ``RunError``."""
     if not args.resume:
         return None
     path = args.out / "results.json"
     if not path.exists():
-        parser.error(f"--resume given but {path} does not exist")
-    previous = json.loads(path.read_text())
+        raise RunError(f"--resume given but {path} does not exist")
+    previous = read_json(path)
+    if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
+        raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
     # through JSON, as stored: tuples in the config become lists
     expected = json.loads(
         json.dumps({**provenance(args.seeds, args.preset), "config": asdict(cfg)})
     )
     different = {k: (previous.get(k), v) for k, v in expected.items() if previous.get(k) != v}
     if different:
-        parser.error(f"{path} belongs to another run; differing (theirs, ours): {different}")
+        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
     return previous
 
 
@@ -421,6 +437,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
         help="keep the runs already in DIR/results.json (same preset, seed, config and code) and "
         "run the rest; a run cut off midway restarts from its beginning",
     )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def resolve_config(

@@ -1,4 +1,4 @@
-"""Long-run safety: bit-identical reruns, SIGKILL then --resume, and NaN stops."""
+"""Long-run safety: bit-identical reruns, SIGKILL / SIGTERM / SIGINT then --resume, NaN stops."""
 
 import json
 import signal
@@ -51,7 +51,33 @@ def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
     assert _metrics(tmp_path / "a" / "metrics.jsonl") == _metrics(tmp_path / "b" / "metrics.jsonl")
 
 
-def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+# SIGKILL ends the process at once; SIGTERM and SIGINT stop it between writes, with a message
+STOPS = [
+    (signal.SIGKILL, -signal.SIGKILL),
+    (signal.SIGTERM, 128 + signal.SIGTERM),
+    (signal.SIGINT, 128 + signal.SIGINT),
+]
+
+
+def _checkpoint_step(path):
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except (OSError, RuntimeError, EOFError):
+        return -1
+
+
+def _stop(process, signum, expected_status):
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == expected_status, err
+    if signum != signal.SIGKILL:
+        assert f"stopped by {signum.name}" in err and "--resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum, expected_status", STOPS, ids=lambda v: str(v))
+def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
+    tmp_path, signum, expected_status
+):
     base = [
         sys.executable,
         "-m",
@@ -79,16 +105,15 @@ def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp_path):
         [*base, "--out", str(killed)],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    while _checkpoint_step(killed / "checkpoint.pt") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the step-0 checkpoint is written first
+    _stop(process, signum, expected_status)
     assert not (killed / "results.json").exists()  # it really stopped midway
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < stopped_at < 30
 
     resumed = subprocess.run(
@@ -127,11 +152,14 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
         few_shot.main(
             ["--method", "protonet", "--preset", "tiny", "--steps", "6", "--out", str(out)]
         )
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (out / "results.json").exists()
 
 
-def test_synthetic_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("signum, expected_status", STOPS, ids=lambda v: str(v))
+def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
+    tmp_path, signum, expected_status
+):
     whole = subprocess.run(
         _two_jobs(tmp_path / "whole"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
@@ -139,7 +167,11 @@ def test_synthetic_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _two_jobs(killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _two_jobs(killed),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -147,9 +179,7 @@ def test_synthetic_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp
         metrics.read_text() if metrics.exists() else ""
     ):
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    _stop(process, signum, expected_status)
     # It really stopped inside the second job: the first is saved, the second only logged.
     partial = json.loads((killed / "results.json").read_text())
     assert [r["method"] for r in partial["runs"]] == ["MAML-Conv"]
@@ -172,7 +202,7 @@ def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert missing.returncode == 2 and "results.json does not exist" in missing.stderr
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps({"seeds": [9], "preset": "tiny", "runs": []}))
     foreign = subprocess.run(
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120

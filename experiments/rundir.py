@@ -1,0 +1,156 @@
+"""A run's output directory and how a driver fails: nothing lost, nothing hidden.
+
+- ``claim_output``: a run never replaces an earlier run's files unless told (``--resume`` to
+  continue it, ``--overwrite`` to replace it), and two runs never share a directory (a lock file
+  naming its holder; a lock left by a dead process is taken over).
+- ``RunError``: a problem the user can fix (a bad path, a corrupt or foreign file, a busy
+  directory); ``run_cli`` prints it as one line and exits with status 2, without a traceback.
+- SIGINT and SIGTERM stop a run between writes (every file is written atomically), with a
+  message and status 130 / 143; ``--resume`` then continues where the files say.
+- A write that fails (e.g. a full disk) leaves the previous file intact and says so (status 1).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# What a driver writes into its --out; --overwrite removes these (and nothing else).
+RUN_OUTPUTS = (
+    "results.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "model_*.pt",
+    "U_*.png",
+    "tensorboard",
+)
+LOCK_NAME = ".lock"
+
+
+class RunError(Exception):
+    """A problem the user can fix; shown as one line, exit status 2."""
+
+
+class WriteFailedError(RunError):
+    """An output file could not be written; the previous version is intact. Exit status 1."""
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
+
+
+@contextmanager
+def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """Hold ``out`` for this run: create it, lock it, and refuse to replace an earlier run's
+    outputs unless ``resume`` (the driver continues them) or ``overwrite`` (they are removed)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory")
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pick one")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(out / LOCK_NAME)
+    try:
+        earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
+        if earlier and not (resume or overwrite):
+            shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise RunError(
+                f"{out} already holds a run ({shown}): pass --resume to continue it, choose "
+                "another --out, or pass --overwrite to replace it"
+            )
+        if overwrite:
+            for name in earlier:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        yield out
+    finally:
+        _release_lock(lock)
+
+
+def _take_lock(path: Path) -> Path:
+    """Create ``path`` exclusively, naming this process; take over a dead process's lock."""
+    holder = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, host = _lock_holder(path)
+            if pid is not None and host == socket.gethostname() and not _alive(pid):
+                print(
+                    f"removing the stale lock {path} of process {pid}, which ended", file=sys.stderr
+                )
+                path.unlink(missing_ok=True)
+                continue
+            raise RunError(
+                f"{path.parent} is in use by process {pid} on {host} (lock file {path}); wait "
+                "for it to end or choose another --out"
+            ) from None
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(holder)
+        atexit.register(_release_lock, path)
+        return path
+    raise RunError(f"could not take the lock {path}")
+
+
+def _lock_holder(path: Path) -> tuple[int | None, str | None]:
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_lock(path: Path) -> None:
+    if _lock_holder(path)[0] == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+def run_cli(main: Callable[[], Any], prog: str) -> None:
+    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a failed
+    write); SIGINT / SIGTERM -> a message, status 130 / 143."""
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        main()
+    except WriteFailedError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except RunError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Stopped) as stop:
+        name = "SIGTERM" if isinstance(stop, Stopped) else "SIGINT"
+        print(
+            f"\n{prog}: stopped by {name}; the files in --out are consistent (finished runs, the "
+            "last checkpoint): run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        sys.exit(128 + (signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT))
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def describe_write_error(path: Path, error: OSError) -> WriteFailedError:
+    """The one-line account of a failed atomic write of ``path``."""
+    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    return WriteFailedError(f"could not write {path}: {reason}; {kept}")

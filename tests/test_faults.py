@@ -1,0 +1,194 @@
+"""Misuse and faults: earlier runs are never replaced silently, bad files give one line, code in
+a checkpoint never runs, a failed write keeps the previous file, outputs follow the umask.
+(Stops by SIGINT / SIGTERM / SIGKILL and --resume: test_long_runs.py.)"""
+
+import errno
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from experiments.common import REPO_ROOT, atomic_write, write_json_atomic
+from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
+
+
+def _run(module, *arguments, umask=None):
+    return subprocess.run(
+        [sys.executable, "-m", module, "--preset", "tiny", *map(str, arguments)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
+
+
+def _synthetic(out, *more, umask=None):
+    arguments = ("--methods", "MSR-FC", "--k", "1", "--out", out, *more)
+    return _run("experiments.synthetic", *arguments, umask=umask)
+
+
+def _one_line_error(done, status=2):
+    """The command failed with ``status`` and one line of error, no traceback."""
+    assert done.returncode == status, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    return errors[0]
+
+
+def test_a_second_run_into_a_finished_out_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert _synthetic(out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    line = _one_line_error(_run("experiments.rotation", "--group", "c8", "--out", out))
+    assert str(out) in line and "--resume" in line and "--overwrite" in line
+    assert "another --out" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
+    replaced = _run("experiments.rotation", "--group", "c8", "--methods", "MAML-Conv",
+                    "--protocols", "paper", "--out", out, "--overwrite")  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr
+    assert not list(out.glob("*MSR-FC*")) and list(out.glob("model_MAML-Conv_c8_paper_s0.pt"))
+    both = _synthetic(out, "--resume", "--overwrite")
+    assert "pick one" in _one_line_error(both)
+
+
+def test_few_shot_refuses_a_non_empty_out_too(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    done = _run("experiments.few_shot", "--method", "maml", "--out", tmp_path)
+    assert "already holds a run (results.json)" in _one_line_error(done)
+
+
+def test_out_naming_a_file_is_one_line(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert "is a file, not a directory" in _one_line_error(_synthetic(file))
+    assert file.read_text() == "mine"
+
+
+def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    host = os.uname().nodename
+    (out / LOCK_NAME).write_text(f"{os.getpid()} {host}\n")  # this test process: alive
+    line = _one_line_error(_synthetic(out))
+    assert f"in use by process {os.getpid()} on {host}" in line
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (out / LOCK_NAME).write_text(f"{ended.pid} {host}\n")
+    done = _synthetic(out)
+    assert done.returncode == 0, done.stderr
+    assert f"removing the stale lock {out / LOCK_NAME} of process {ended.pid}" in done.stderr
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not a readable JSON file"),
+        ('{"seeds": [0]}', "is not a results file of these drivers"),
+    ],
+)
+def test_a_corrupt_results_file_on_resume_is_one_line(tmp_path, content, message):
+    (tmp_path / "results.json").write_text(content)
+    line = _one_line_error(_synthetic(tmp_path, "--resume"))
+    assert str(tmp_path / "results.json") in line and message in line
+
+
+def test_a_corrupt_metrics_file_on_resume_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert _synthetic(out, "--steps", "3").returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    results["runs"] = []  # as if the job had not finished: resume reads the metrics log
+    (out / "results.json").write_text(json.dumps(results))
+    with (out / "metrics.jsonl").open("a") as log:
+        log.write("{truncated\n")
+    line = _one_line_error(_synthetic(out, "--steps", "3", "--resume"))
+    assert f"{out / 'metrics.jsonl'}, line 2: not a JSON record" in line
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind", ["code", "garbage", "foreign"])
+def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(tmp_path, kind):
+    checkpoint, marker = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+    if kind == "code":
+        torch.save({"run": _RunsCode(marker)}, checkpoint, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    elif kind == "garbage":
+        checkpoint.write_bytes(b"\x00 not a checkpoint")
+    else:
+        torch.save({"weights": torch.zeros(2)}, checkpoint)
+    done = _run("experiments.few_shot", "--method", "maml", "--resume", "--out", tmp_path)
+    line = _one_line_error(done)
+    assert str(checkpoint) in line
+    expected = "is not a checkpoint of this driver" if kind == "foreign" else "cannot be loaded"
+    assert expected in line
+    assert not marker.exists()  # nothing ran
+
+
+def test_a_failed_write_keeps_the_previous_file_and_says_so(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"runs": ["kept"]})
+
+    def disk_full(stream):
+        stream.write(b'{"runs": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(WriteFailedError, match=r"the disk is full; the previous results\.json is"):
+        atomic_write(path, disk_full)
+    assert json.loads(path.read_text()) == {"runs": ["kept"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: atomic_write(path, disk_full), "experiments.synthetic")
+    assert stop.value.code == 1
+    assert "could not write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    out = tmp_path / "run"
+    assert _synthetic(out, umask=umask).returncode == 0
+    expected = 0o666 & ~umask
+    for name in ("results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt", "U_MSR-FC_k1_s0.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
+
+
+def test_a_run_stopped_before_its_first_job_ends_can_be_resumed(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "experiments.synthetic", "--preset", "tiny", "--steps", "2000",
+        "--methods", "MSR-FC", "--k", "1", "--out", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # written, with no runs, before the first job starts
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+    assert not (out / LOCK_NAME).exists()
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == [
+        "MSR-FC"
+    ]
