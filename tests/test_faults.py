@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from experiments.common import REPO_ROOT, atomic_write, write_json_atomic
+from experiments.common import REPO_ROOT, atomic_write
 from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
 
 
@@ -140,18 +140,19 @@ def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(tmp_pat
     assert not marker.exists()  # nothing ran
 
 
-def test_a_failed_write_keeps_the_previous_file_and_says_so(tmp_path, capsys):
-    path = tmp_path / "results.json"
-    write_json_atomic(path, {"runs": ["kept"]})
+@pytest.mark.parametrize("name", ["results.json", "checkpoint.pt"])
+def test_a_failed_write_keeps_the_previous_file_and_says_so(tmp_path, capsys, name):
+    path = tmp_path / name
+    atomic_write(path, lambda stream: stream.write(b"the previous version"))
 
     def disk_full(stream):
-        stream.write(b'{"runs": ')
+        stream.write(b"half of the new ")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(WriteFailedError, match=r"the disk is full; the previous results\.json is"):
+    with pytest.raises(WriteFailedError, match=rf"the disk is full; the previous {name} is"):
         atomic_write(path, disk_full)
-    assert json.loads(path.read_text()) == {"runs": ["kept"]}
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+    assert path.read_bytes() == b"the previous version"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
 
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: atomic_write(path, disk_full), "experiments.synthetic")
