@@ -47,7 +47,14 @@ from experiments.common import (
 )
 from experiments.rundir import RunError, claim_output, run_cli
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
-from msr.data import ImageClasses, augment_images, load_miniimagenet, load_omniglot, sample_episodes
+from msr.data import (
+    ImageClasses,
+    augment_images,
+    check_episodes,
+    load_miniimagenet,
+    load_omniglot,
+    sample_episodes,
+)
 from msr.models import conv4
 from msr.streams import keyed_generator
 
@@ -174,6 +181,23 @@ def load_split(dataset: str, data: Path, split: str, image_size: int) -> ImageCl
     return load_miniimagenet(data, split, image_size=image_size)
 
 
+def load_splits(
+    args: argparse.Namespace, cfg: FewShotConfig, data: Path, device: torch.device
+) -> list[ImageClasses]:
+    """The train, val and test classes on ``device``, checked to hold episodes of the run's
+    shape before anything is written; a bad path or file, or too few classes or images, is a
+    ``RunError``."""
+    splits = []
+    for split in ("train", "val", "test"):
+        try:
+            classes = load_split(args.dataset, data, split, cfg.image_size)
+            check_episodes(classes, args.ways, args.shots, cfg.queries)
+        except (OSError, ValueError) as error:
+            raise RunError(f"{split} split of {data}: {error}") from None
+        splits.append(classes.to(device))
+    return splits
+
+
 def count_parameters(learner: EpisodicLearner) -> int:
     return sum(p.numel() for p in learner.parameters() if p.requires_grad)
 
@@ -265,10 +289,7 @@ def _train(
         raise RunError(f"--resume given but {checkpoint} does not exist")
     run_provenance = provenance(args.seed, args.preset)  # the code as it starts, not as it ends
 
-    train_classes, val_classes, test_classes = (
-        load_split(args.dataset, data, split, cfg.image_size).to(device)
-        for split in ("train", "val", "test")
-    )
+    train_classes, val_classes, test_classes = load_splits(args, cfg, data, device)
     channels = train_classes.image_shape[0]
     torch.manual_seed(args.seed)
     learner = build_learner(args.method, channels, args.ways, cfg).to(device)

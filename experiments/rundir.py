@@ -56,7 +56,10 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         raise RunError(f"--out {out} is a file, not a directory")
     if resume and overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: pick one")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create --out {out}: {error.strerror}") from None
     lock = _take_lock(out / LOCK_NAME)
     try:
         earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
@@ -93,6 +96,8 @@ def _take_lock(path: Path) -> Path:
                 f"{path.parent} is in use by process {pid} on {host} (lock file {path}); wait "
                 "for it to end or choose another --out"
             ) from None
+        except OSError as error:
+            raise RunError(f"cannot write in --out {path.parent}: {error.strerror}") from None
         with os.fdopen(descriptor, "w") as stream:
             stream.write(holder)
         atexit.register(_release_lock, path)

@@ -65,6 +65,29 @@ def test_few_shot_refuses_a_non_empty_out_too(tmp_path):
     assert "already holds a run (results.json)" in _one_line_error(done)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("--data", "/nonexistent"), "/nonexistent is neither an Omniglot .npz file nor"),
+        (("--ways", "5000"), "ways=5000 exceeds the 4112 classes available"),
+        (("--shots", "50"), "shots + queries = 52 exceeds the 20 images per class"),
+    ],
+)
+def test_few_shot_data_that_cannot_serve_the_run_is_one_line_before_any_write(
+    tmp_path, arguments, message
+):
+    done = _run("experiments.few_shot", "--method", "maml", "--out", tmp_path, *arguments)
+    assert message in _one_line_error(done)
+    assert list(tmp_path.iterdir()) == []  # nothing written: the same --out can be used again
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    line = _one_line_error(_synthetic(file / "run"))
+    assert f"cannot create --out {file / 'run'}: Not a directory" in line
+
+
 def test_out_naming_a_file_is_one_line(tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("mine")

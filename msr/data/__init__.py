@@ -1,7 +1,7 @@
 """Few-shot image data: Omniglot and mini-ImageNet loaders, episode sampling, augmentation."""
 
 from msr.data.augment import augment_images
-from msr.data.episodes import ImageClasses, sample_episodes
+from msr.data.episodes import ImageClasses, check_episodes, sample_episodes
 from msr.data.miniimagenet import load_miniimagenet
 from msr.data.omniglot import OMNIGLOT_SPLITS, load_omniglot
 
@@ -9,6 +9,7 @@ __all__ = [
     "OMNIGLOT_SPLITS",
     "ImageClasses",
     "augment_images",
+    "check_episodes",
     "load_miniimagenet",
     "load_omniglot",
     "sample_episodes",

@@ -170,6 +170,27 @@ def _as_chw(image: Any, index: int) -> Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
+def check_episodes(classes: ImageClasses, ways: int, shots: int, queries: int) -> Tensor:
+    """The classes episodes of this shape can draw from; a ValueError if there are fewer than
+    ``ways`` of them (so a run can check its episode shape before it starts training)."""
+    for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+        check_positive_int(name, value)
+    total_classes, needed = classes.num_classes, shots + queries
+    if ways > total_classes:
+        raise ValueError(f"ways={ways} exceeds the {total_classes} classes available")
+    eligible = classes.eligible(needed)
+    if eligible.numel() < ways:
+        per_class = int(classes._host_sizes.max())
+        even = bool((classes._host_sizes == per_class).all())
+        raise ValueError(
+            f"shots + queries = {needed} exceeds the {per_class} images per class"
+            if even
+            else f"shots + queries = {needed}: only {eligible.numel()} of {total_classes} "
+            f"classes have that many images, fewer than ways={ways}"
+        )
+    return eligible
+
+
 def sample_episodes(
     classes: ImageClasses,
     num_tasks: int,
@@ -187,28 +208,11 @@ def sample_episodes(
     Aug-MiniImageNet. Every draw comes from ``generator``, which must live on the images'
     device: episodes are then drawn, gathered and augmented there, with no copy.
     """
-    for name, value in (
-        ("num_tasks", num_tasks),
-        ("ways", ways),
-        ("shots", shots),
-        ("queries", queries),
-    ):
-        check_positive_int(name, value)
+    check_positive_int("num_tasks", num_tasks)
+    eligible = check_episodes(classes, ways, shots, queries)
     check_same_device(generator, classes.flat)
     device = classes.flat.device
-    total_classes, needed = classes.num_classes, shots + queries
-    if ways > total_classes:
-        raise ValueError(f"ways={ways} exceeds the {total_classes} classes available")
-    eligible = classes.eligible(needed)
-    per_class = int(classes._host_sizes.max())
-    if eligible.numel() < ways:
-        even = bool((classes._host_sizes == per_class).all())
-        raise ValueError(
-            f"shots + queries = {needed} exceeds the {per_class} images per class"
-            if even
-            else f"shots + queries = {needed}: only {eligible.numel()} of {total_classes} "
-            f"classes have that many images, fewer than ways={ways}"
-        )
+    needed, per_class = shots + queries, int(classes._host_sizes.max())
     chosen = eligible[
         torch.stack(
             [
