@@ -221,8 +221,15 @@ def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
     except FileNotFoundError:
         raise RunError(f"{path} does not exist") from None
     except Exception as error:  # torch raises many kinds: unpickling, zip, EOF, runtime
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The specific line, not torch's advice to retry with weights_only=False.
+        lines = [line.strip() for line in str(error).splitlines()]
+        specific = [line for line in lines if line and not line.startswith(_TORCH_LOAD_ADVICE)]
+        reason = specific[0] if specific else type(error).__name__
         raise RunError(f"{path} cannot be loaded safely: {reason}") from None
+
+
+# Paragraphs of torch.load's weights_only error that are advice, not the reason.
+_TORCH_LOAD_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 class MetricsLog:
