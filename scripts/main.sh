@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
 # The project's main job: Table 1 (1-D translation symmetry) at its quick preset, in the project's
 # virtual environment (created on first use). Extra arguments go to the driver.
+# runs/synthetic-quick is this script's own demo directory: each run replaces it (the run repeats
+# bit for bit). Given --out or --resume, the driver's rules apply unchanged: a non-empty --out is
+# refused unless --resume or --overwrite.
 source "$(dirname "$0")/venv.sh"
-"$PY" -m experiments.synthetic --preset quick --out runs/synthetic-quick "$@"
+replace=(--overwrite)
+for argument in "$@"; do
+    case "$argument" in --out | --out=* | --resume | --overwrite) replace=() ;; esac
+done
+"$PY" -m experiments.synthetic --preset quick --out runs/synthetic-quick "${replace[@]}" "$@"

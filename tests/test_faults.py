@@ -222,3 +222,29 @@ def test_a_run_stopped_before_its_first_job_ends_can_be_resumed(tmp_path):
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == [
         "MSR-FC"
     ]
+
+
+@pytest.mark.parametrize(
+    "arguments, replaces",
+    [
+        ((), True),
+        (("--preset", "tiny"), True),
+        (("--out", "runs/mine"), False),
+        (("--out=runs/mine",), False),
+        (("--resume",), False),
+    ],
+)
+def test_the_main_script_replaces_only_its_own_demo_directory(tmp_path, arguments, replaces):
+    """scripts/main.sh can be run again (README's first command), but never passes --overwrite
+    to an --out the user chose, nor beside --resume."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "main.sh").write_text((REPO_ROOT / "scripts" / "main.sh").read_text())
+    (scripts / "venv.sh").write_text("PY=echo\n")  # the driver's command line, printed
+    done = subprocess.run(
+        ["bash", str(scripts / "main.sh"), *arguments], capture_output=True, text=True, check=True
+    )
+    command = done.stdout.split()
+    assert command[:5] == ["-m", "experiments.synthetic", "--preset", "quick", "--out"]
+    assert ("--overwrite" in command) == replaces
+    assert command[len(command) - len(arguments) :] == list(arguments)  # passed on, last
