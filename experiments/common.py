@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,7 +18,12 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from experiments.rundir import RunError, describe_write_error
+from experiments.rundir import (
+    RunError,
+    WriteFailedError,
+    describe_write_error,
+    write_error_reason,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,11 +204,19 @@ def read_json(path: Path) -> Any:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a JSON-lines file, each checked to parse; a corrupt one is a ``RunError``."""
+    """The lines of a JSON-lines file, each checked to parse; a corrupt one is a ``RunError``.
+    A torn last line (no newline: a stop or a full disk in the middle of an append) is dropped
+    with a message: the record it was belongs to work that a resumed run redoes."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise RunError(f"{path} cannot be read ({error})") from None
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"{path}: dropping its torn last line {lines.pop()[:40]!r}...", file=sys.stderr)
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -241,7 +255,7 @@ class MetricsLog:
     def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._stream = path.open("a")
+        self._stream = path.open("ab", buffering=0)  # nothing left in a buffer if a write fails
         self._board = None
         if tensorboard is not None:
             try:
@@ -253,8 +267,17 @@ class MetricsLog:
             self._board = SummaryWriter(str(tensorboard))
 
     def write(self, **record: Any) -> None:
-        self._stream.write(json.dumps(record) + "\n")
-        self._stream.flush()
+        """Append ``record`` as one line; a failed write (e.g. a full disk) is a
+        ``WriteFailedError`` and leaves the earlier lines as they were."""
+        remaining = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            while remaining:
+                remaining = remaining[self._stream.write(remaining) :]
+        except OSError as error:
+            raise WriteFailedError(
+                f"could not append to {self.path}: {write_error_reason(error)}; the records "
+                "before are intact"
+            ) from error
         if self._board is not None:
             run = "/".join(
                 str(v) if isinstance(v, str) else f"{k}={v}"

@@ -156,6 +156,10 @@ def _raise_stopped(signum: int, frame: object) -> None:
 
 def describe_write_error(path: Path, error: OSError) -> WriteFailedError:
     """The one-line account of a failed atomic write of ``path``."""
-    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
     kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-    return WriteFailedError(f"could not write {path}: {reason}; {kept}")
+    return WriteFailedError(f"could not write {path}: {write_error_reason(error)}; {kept}")
+
+
+def write_error_reason(error: OSError) -> str:
+    """Why a write failed, in words."""
+    return "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))

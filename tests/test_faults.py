@@ -10,11 +10,12 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from experiments.common import REPO_ROOT, atomic_write
+from experiments.common import REPO_ROOT, MetricsLog, atomic_write
 from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
 
 
@@ -133,6 +134,35 @@ def test_a_corrupt_metrics_file_on_resume_is_one_line(tmp_path):
         log.write("{truncated\n")
     line = _one_line_error(_synthetic(out, "--steps", "3", "--resume"))
     assert f"{out / 'metrics.jsonl'}, line 2: not a JSON record" in line
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A stop or a full disk in the middle of an append leaves a line without its newline."""
+    out = tmp_path / "run"
+    assert _synthetic(out, "--steps", "3").returncode == 0
+    finished = _records(out / "metrics.jsonl")
+    results = json.loads((out / "results.json").read_text())
+    results["runs"] = []  # as if the job had been cut off: it is redone
+    (out / "results.json").write_text(json.dumps(results))
+    with (out / "metrics.jsonl").open("a") as log:
+        log.write('{"method": "MSR-FC", "k": 1, "seed": 0, "step"')
+    resumed = _synthetic(out, "--steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dropping its torn last line" in resumed.stderr
+    assert _records(out / "metrics.jsonl") == finished
+
+
+def _records(path):
+    """A metrics log without its wall times."""
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+
+def test_a_metrics_append_on_a_full_disk_says_so():
+    log = MetricsLog(Path("/dev/full"))  # every write to it fails with ENOSPC
+    with pytest.raises(WriteFailedError, match=r"/dev/full: the disk is full; the records before"):
+        log.write(step=1, loss=0.5)
+    log.close()  # nothing left in a buffer to fail again
 
 
 class _RunsCode:
