@@ -45,7 +45,7 @@ from experiments.common import (
     save_model,
     write_json_atomic,
 )
-from experiments.rundir import RunError, claim_output, run_cli
+from experiments.rundir import RunError, check_stop, claim_output, run_cli
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import (
     ImageClasses,
@@ -239,6 +239,7 @@ def evaluate(
     """Per-task query accuracy (%) over ``cfg.test_tasks`` episodes, in chunks to bound memory."""
     scores = []
     for start in range(0, cfg.test_tasks, chunk):
+        check_stop()
         tasks = tasks_source(min(chunk, cfg.test_tasks - start))
         scores.append(learner.evaluate(tasks, {"accuracy": accuracy}, chunk_size=chunk)["accuracy"])
     return 100.0 * torch.cat(scores)
@@ -355,6 +356,7 @@ def _train(
         tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{args.method}", unit="step") as bar,
     ):
         for step in range(first_step, cfg.steps + 1):
+            check_stop()
             optimizer.zero_grad()
             loss = learner.meta_backward(train_tasks(step)).mean()
             if not math.isfinite(loss.item()):

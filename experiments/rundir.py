@@ -5,8 +5,9 @@
   naming its holder; a lock left by a dead process is taken over).
 - ``RunError``: a problem the user can fix (a bad path, a corrupt or foreign file, a busy
   directory); ``run_cli`` prints it as one line and exits with status 2, without a traceback.
-- SIGINT and SIGTERM stop a run between writes (every file is written atomically), with a
-  message and status 130 / 143; ``--resume`` then continues where the files say.
+- SIGINT and SIGTERM stop a run at its next safe point (``check_stop``, between outer steps;
+  every file is written atomically), with a message and status 130 / 143; ``--resume`` then
+  continues where the files say. A second signal stops it at once.
 - A write that fails (e.g. a full disk) leaves the previous file intact and says so (status 1).
 """
 
@@ -45,7 +46,14 @@ class WriteFailedError(RunError):
 
 
 class Stopped(BaseException):
-    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
+    """SIGINT or SIGTERM asked the run to stop (raised by ``check_stop`` at a safe point)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
+
+
+_stop_requested: int | None = None  # the signal that asked the run to stop, until it stops
 
 
 @contextmanager
@@ -131,27 +139,54 @@ def _release_lock(path: Path) -> None:
 def run_cli(main: Callable[[], Any], prog: str) -> None:
     """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a failed
     write); SIGINT / SIGTERM -> a message, status 130 / 143."""
-    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        main()
+        with deferred_stops():
+            main()
     except WriteFailedError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
     except RunError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, Stopped) as stop:
-        name = "SIGTERM" if isinstance(stop, Stopped) else "SIGINT"
+    except Stopped as stop:
         print(
-            f"\n{prog}: stopped by {name}; the files in --out are consistent (finished runs, the "
-            "last checkpoint): run the same command with --resume to continue",
+            f"\n{prog}: stopped by {stop.signum.name}; the files in --out are consistent (the "
+            "finished runs, and the last checkpoint where the driver keeps one): run the same "
+            "command with --resume to continue",
             file=sys.stderr,
         )
-        sys.exit(128 + (signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT))
+        sys.exit(128 + stop.signum)
 
 
-def _raise_stopped(signum: int, frame: object) -> None:
-    raise Stopped(signum)
+@contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM are recorded rather than raised where they land, and
+    ``check_stop`` raises ``Stopped`` at the next safe point. An exception raised at an arbitrary
+    bytecode can land inside torch's own machinery (e.g. while ``vmap`` enters a level) and
+    leave it broken, hiding the stop behind an internal error. A second signal raises at once."""
+    global _stop_requested
+
+    def request(signum: int, frame: object) -> None:
+        global _stop_requested
+        if _stop_requested is not None:
+            raise Stopped(signum)
+        _stop_requested = signum
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, request)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop_requested = None
+
+
+def check_stop() -> None:
+    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop (see ``deferred_stops``)."""
+    if _stop_requested is not None:
+        raise Stopped(_stop_requested)
 
 
 def describe_write_error(path: Path, error: OSError) -> WriteFailedError:

@@ -11,7 +11,7 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from experiments.common import (
     resolve_device,
     write_json_atomic,
 )
-from experiments.rundir import RunError
+from experiments.rundir import RunError, check_stop
 from msr import MAML, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
 from msr.validation import check_positive_int
@@ -87,6 +87,7 @@ def _outer_steps(
     sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for step in range(1, cfg.steps + 1):
+        check_stop()
         optimizer.zero_grad()
         tasks = data.sample_train(cfg.meta_batch, sampler)
         if world_size > 1:  # ... and meta-trains on its own shard of it
@@ -313,16 +314,20 @@ def _run_in_processes(
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
     try:
         futures = {pool.submit(_run_logged, job, *logs): tags for tags, job in todo}
-        for future in as_completed(futures):
-            try:
-                record(future.result())
-            except CancelledError:
-                continue
-            except Exception as error:  # re-raised below, once the running jobs are recorded
-                failure = failure or error
-                for pending in futures:
-                    pending.cancel()
-            bar.update(steps_of(futures[future]))
+        running = set(futures)
+        while running:  # polled, so that a stop is seen while the workers run
+            finished, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    record(future.result())
+                except CancelledError:
+                    continue
+                except Exception as error:  # re-raised below, once the running jobs are recorded
+                    failure = failure or error
+                    for pending in futures:
+                        pending.cancel()
+                bar.update(steps_of(futures[future]))
+            check_stop()
     except BaseException:  # stopped: end the workers rather than wait for their jobs
         workers_alive = list(getattr(pool, "_processes", {}).values())  # no public handle
         pool.shutdown(wait=False, cancel_futures=True)

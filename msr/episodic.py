@@ -6,7 +6,6 @@ meta-batch, either as one ``vmap``-ed computation (``batched=True``) or as a loo
 backpropagates after each task, for training (``meta_backward``) and for scoring (``evaluate``).
 """
 
-
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple

@@ -1,16 +1,19 @@
 """Long-run safety: bit-identical reruns, SIGKILL / SIGTERM / SIGINT then --resume, NaN stops."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from experiments import few_shot
 from experiments.common import REPO_ROOT
+from experiments.rundir import Stopped, check_stop, deferred_stops
 from msr import ProtoNet
 
 
@@ -232,3 +235,71 @@ def test_synthetic_non_finite_loss_stops_and_keeps_the_finished_runs(tmp_path, m
         )
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["MAML-Conv"]
+
+
+def test_a_stop_waits_for_the_next_safe_point_and_a_second_one_does_not():
+    """A signal landing inside torch (e.g. while vmap enters a level) must not raise there: it
+    once turned a SIGTERM into an internal functorch error and exit status 1."""
+    with deferred_stops():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run, and raised nothing here
+        with pytest.raises(Stopped) as stop:
+            check_stop()
+        assert stop.value.signum == signal.SIGTERM
+        with pytest.raises(Stopped) as again:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted at once
+        assert again.value.signum == signal.SIGINT
+    check_stop()  # outside, nothing is pending ...
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # ... and restored
+
+
+def _children(pid):
+    """The live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _records(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_stop_with_worker_processes_ends_them_at_once(tmp_path):
+    out = tmp_path / "run"
+    command = _synthetic(
+        out, "--steps", "100000", "--methods", "MAML-Conv", "MSR-FC", "--k", "1", "--workers", "2"
+    )
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_records(metrics)) < 2:
+        time.sleep(0.05)  # the workers are meta-training
+    workers = _children(process.pid)
+    assert workers
+    stopped_at = time.monotonic()
+    _stop(process, signal.SIGTERM, 128 + signal.SIGTERM)
+    assert time.monotonic() - stopped_at < 30  # not after the jobs (minutes each)
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers))
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+    assert not (out / ".lock").exists()
