@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -261,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("this driver runs as one process (it does not join a torchrun process group)")
     keep_freed_memory()
     cfg = PRESETS[args.dataset][args.preset]
     if args.steps is not None:

@@ -189,6 +189,11 @@ def check_stop() -> None:
         raise Stopped(_stop_requested)
 
 
+def requested_stop() -> int:
+    """The signal that asked the run to stop, 0 if none did."""
+    return _stop_requested or 0
+
+
 def describe_write_error(path: Path, error: OSError) -> WriteFailedError:
     """The one-line account of a failed atomic write of ``path``."""
     kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"

@@ -33,7 +33,7 @@ from experiments.common import (
     resolve_device,
     write_json_atomic,
 )
-from experiments.rundir import RunError, check_stop
+from experiments.rundir import RunError, Stopped, check_stop, requested_stop
 from msr import MAML, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
 from msr.validation import check_positive_int
@@ -87,7 +87,10 @@ def _outer_steps(
     sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for step in range(1, cfg.steps + 1):
-        check_stop()
+        if world_size > 1:
+            _check_stop_together(maml)
+        else:
+            check_stop()
         optimizer.zero_grad()
         tasks = data.sample_train(cfg.meta_batch, sampler)
         if world_size > 1:  # ... and meta-trains on its own shard of it
@@ -104,6 +107,17 @@ def _outer_steps(
         schedule.step()
         advance(1)
         yield step, train_loss
+
+
+def _check_stop_together(maml: MAML) -> None:
+    """Under torchrun, stop every rank at the same step: a rank that stopped alone would leave
+    the others waiting in the next all-reduce until it fails. The ranks agree on the stop (the
+    largest signal number any of them has seen) before each step; often one rank gets it alone
+    (a signal sent to one process) or a step later than the others."""
+    seen = torch.tensor([requested_stop()], device=next(maml.parameters()).device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if agreed := int(seen.item()):
+        raise Stopped(agreed)
 
 
 def meta_train(

@@ -1,8 +1,13 @@
-"""Two gloo processes on this machine give the same meta-gradient as one process."""
+"""Two gloo processes on this machine give the same meta-gradient as one process, and stop
+together."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +110,45 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())["runs"][0]
     assert (tmp_path / "two" / "rank1" / "results.json").exists()
     assert abs(one["mse"] - two["mse"]) < 1e-5 * one["mse"]
+
+
+def _rank_pid(launcher_pid, rank):
+    """The pid of the torchrun worker of ``rank`` (a child of the launcher), or None yet."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            status = (environ.parent / "status").read_text()
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid"))
+        if int(parent) == launcher_pid and f"RANK={rank}".encode() in variables:
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_sigterm_to_one_torchrun_rank_stops_both_at_the_same_step(tmp_path):
+    """A signal that reaches one rank (or reaches them a step apart) must stop every rank, at
+    the same step: a rank that left alone would leave the other failing in its all-reduce."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+        *("-m", "experiments.synthetic", "--preset", "tiny", "--methods", "MSR-FC", "--k", "1"),
+        *("--steps", "100000", "--out", str(out)),
+    ]
+    launcher = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    metrics = out / "rank1" / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)  # both ranks are meta-training
+    rank1 = _rank_pid(launcher.pid, 1)
+    assert rank1 is not None
+    signal_sent = time.monotonic()
+    os.kill(rank1, signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert time.monotonic() - signal_sent < 30
+    assert err.count("stopped by SIGTERM") == 2, err  # rank 0 too, though it got no signal
+    assert "gloo" not in err and "Connection closed" not in err, err

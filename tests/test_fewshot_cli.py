@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from experiments import few_shot
 from experiments.common import REPO_ROOT
 from experiments.few_shot import METHODS, PRESETS, build_learner, count_parameters
 
@@ -71,3 +72,12 @@ def test_maml_big_has_at_least_msrs_meta_parameters():
 def test_miniimagenet_needs_a_data_path(tmp_path):
     done = _run("--dataset", "miniimagenet", "--method", "maml", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "--data is required for miniimagenet" in done.stderr
+
+
+def test_torchrun_is_refused_rather_than_two_runs_racing_for_one_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        few_shot.main(["--method", "maml", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert "does not join a torchrun process group" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
