@@ -46,7 +46,7 @@ from experiments.common import (
     save_model,
     write_json_atomic,
 )
-from experiments.rundir import RunError, check_stop, claim_output, run_cli
+from experiments.rundir import RunError, check_stop, claim_output, requested_stop, run_cli
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import (
     ImageClasses,
@@ -359,7 +359,9 @@ def _train(
         tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{args.method}", unit="step") as bar,
     ):
         for step in range(first_step, cfg.steps + 1):
-            check_stop()
+            if requested_stop():  # keep every finished step: --resume continues from here
+                save_checkpoint(step - 1)
+                check_stop()
             optimizer.zero_grad()
             loss = learner.meta_backward(train_tasks(step)).mean()
             if not math.isfinite(loss.item()):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,36 @@ def test_a_stop_waits_for_the_next_safe_point_and_a_second_one_does_not():
         assert again.value.signum == signal.SIGINT
     check_stop()  # outside, nothing is pending ...
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # ... and restored
+
+
+def test_a_stopped_few_shot_run_checkpoints_the_step_it_stopped_at(tmp_path, monkeypatch):
+    """A stop (a cluster's preemption, say) loses no finished step, whatever the preset's
+    checkpoint interval."""
+
+    class SignalledAtStep5(ProtoNet):
+        calls = 0
+
+        def meta_backward(self, tasks):
+            SignalledAtStep5.calls += 1
+            if SignalledAtStep5.calls == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().meta_backward(tasks)
+
+    monkeypatch.setattr(
+        few_shot,
+        "build_learner",
+        lambda method, channels, ways, cfg: SignalledAtStep5(
+            few_shot.conv4(channels, cfg.image_size, cfg.hidden), ways
+        ),
+    )
+    tiny = few_shot.PRESETS["omniglot"]["tiny"]
+    monkeypatch.setitem(few_shot.PRESETS["omniglot"], "tiny", replace(tiny, checkpoint_every=1000))
+    out = tmp_path / "run"
+    with deferred_stops(), pytest.raises(Stopped):
+        few_shot.main(
+            ["--method", "protonet", "--preset", "tiny", "--steps", "20", "--out", str(out)]
+        )
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
 def _children(pid):
