@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU checks of README "Devices and GPUs", as one command for a machine with a CUDA GPU that
+# has its own python3 and torch (>= 2.11; nothing is installed: run from the repository root).
+#
+#   bash scripts/gpu_checks.sh DEST
+#
+# 1. the `cuda` tests (tests/test_cuda.py);
+# 2. the few-shot step benchmark at the paper's scale (python -m benchmarks.few_shot_step --full);
+# 3. the Omniglot 5-way 1-shot `paper` preset of MAML and of MSR, PAPER_SECONDS each (default
+#    60), stopped by SIGTERM (which checkpoints the step reached) and continued with --resume
+#    when runs/gpu-paper-<method>/ already holds a checkpoint (carry it there to go on).
+# Logs and paper_runs.tgz (runs/gpu-paper-*: checkpoints, metrics) go to DEST: 5 files, within
+# the device tool's 8. DEVICE (default cuda) and the stage limits TESTS_SECONDS (150) and
+# BENCHMARK_SECONDS (240) can be set; the defaults end within 9 minutes, inside one 10-minute
+# device call. The omniglot file is read from ../shared as on the
+# development machines; where that is absent, from shared/ inside the checkout (the device tool
+# carries it), made beforehand with
+#   mkdir -p shared/data/omniglot && cp -r ../shared/data/omniglot/{omniglot_28x28_lanczos.npz,splits} \
+#       shared/data/omniglot/
+set -uo pipefail
+DEST="$(mkdir -p "${1:?usage: bash scripts/gpu_checks.sh DEST}" && cd "$1" && pwd)"
+cd "$(dirname "$0")/.."
+PY="${PY:-python3}"
+DEVICE="${DEVICE:-cuda}"
+export PYTHONUNBUFFERED=1
+
+if [ ! -e ../shared ]; then
+    if [ ! -f shared/data/omniglot/omniglot_28x28_lanczos.npz ] || [ ! -d shared/data/omniglot/splits ]; then
+        echo "gpu_checks: no ../shared, and shared/data/omniglot/ in the checkout lacks" \
+            "omniglot_28x28_lanczos.npz or splits/ (see the head of this script)" >&2
+        exit 2
+    fi
+    ln -s "$PWD/shared" ../shared || exit 2
+fi
+"$PY" - "$DEVICE" <<'EOF' 2>&1 | tee "$DEST/device.txt" || exit 1
+import sys
+import torch
+device = torch.device(sys.argv[1])
+if device.type == "cuda" and not torch.cuda.is_available():
+    sys.exit("gpu_checks: torch sees no CUDA GPU")
+name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+print(f"torch {torch.__version__}, {name}")
+EOF
+
+echo "== cuda tests" >&2
+timeout "${TESTS_SECONDS:-150}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
+    2>&1 | tee "$DEST/cuda_tests.log"
+
+echo "== few-shot step benchmark" >&2
+full=$([ "$DEVICE" = cpu ] || echo --full)
+timeout "${BENCHMARK_SECONDS:-240}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
+    2>&1 | tee "$DEST/benchmark.log"
+
+for method in maml msr; do
+    echo "== paper preset, $method, ${PAPER_SECONDS:-60} s" | tee -a "$DEST/paper_runs.log" >&2
+    out="runs/gpu-paper-$method"
+    resume=$([ -f "$out/checkpoint.pt" ] && echo --resume)
+    timeout --preserve-status -s TERM "${PAPER_SECONDS:-60}" \
+        "$PY" -m experiments.few_shot --method "$method" --preset paper --device "$DEVICE" \
+        --out "$out" $resume 2>&1 \
+        | tr '\r' '\n' | grep -v -E '[0-9]+/[0-9]+ \[' | tee -a "$DEST/paper_runs.log"
+    echo "exit ${PIPESTATUS[0]} (143: stopped by the time limit, checkpoint kept)" \
+        | tee -a "$DEST/paper_runs.log"
+done
+tar czf "$DEST/paper_runs.tgz" runs/gpu-paper-maml runs/gpu-paper-msr
