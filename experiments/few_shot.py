@@ -7,9 +7,10 @@ Methods on the Conv-4 backbone: maml, maml-big (wider, at least as many meta-par
 msr), anil (only the head adapts), protonet, msr (every conv an MSRConv2d with a learned
 Kronecker U). Only the query sets are augmented (crop, flips, rotation), so the learned update
 has to absorb those symmetries. Writes DIR/metrics.jsonl as it goes, DIR/checkpoint.pt
-atomically every ``checkpoint_every`` steps (``--resume`` continues from it, bit for bit on the
-same device, and on another device too), DIR/results.json with the test accuracy ± 95% CI
-beside the paper's number, and DIR/model_<method>_<ways>w<shots>s.pt (the trained learner).
+atomically every ``checkpoint_every`` steps and at a stop by SIGINT / SIGTERM (``--resume``
+continues from it, bit for bit on the same device, and on another device too), DIR/results.json
+with the test accuracy ± 95% CI beside the paper's number, and
+DIR/model_<method>_<ways>w<shots>s.pt (the trained learner).
 ``--device`` picks the device: the images are moved there once, and every episode is sampled
 and augmented there.
 """
