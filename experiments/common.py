@@ -43,6 +43,11 @@ OVERWRITE_HELP = "replace the earlier run's files in DIR (without it, a non-empt
 TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several ranks started by ``torchrun`` (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def resolve_device(spec: str) -> torch.device:
     """The device ``--device`` names (see ``DEVICE_HELP``), checked to exist on this machine.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +39,7 @@ from experiments.common import (
     atomic_write,
     keep_freed_memory,
     keep_lines,
+    launched_by_torchrun,
     load_torch_file,
     mean_ci95,
     provenance,
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_by_torchrun():
         parser.error("this driver runs as one process (it does not join a torchrun process group)")
     keep_freed_memory()
     cfg = PRESETS[args.dataset][args.preset]

@@ -53,7 +53,7 @@ class Stopped(BaseException):
         self.signum = signal.Signals(signum)
 
 
-_stop_requested: int | None = None  # the signal that asked the run to stop, until it stops
+_stop_requested = 0  # the signal that asked the run to stop (0: none), until it stops
 
 
 @contextmanager
@@ -168,7 +168,7 @@ def deferred_stops() -> Iterator[None]:
 
     def request(signum: int, frame: object) -> None:
         global _stop_requested
-        if _stop_requested is not None:
+        if _stop_requested:
             raise Stopped(signum)
         _stop_requested = signum
 
@@ -180,18 +180,18 @@ def deferred_stops() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _stop_requested = None
+        _stop_requested = 0
 
 
 def check_stop() -> None:
     """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop (see ``deferred_stops``)."""
-    if _stop_requested is not None:
+    if _stop_requested:
         raise Stopped(_stop_requested)
 
 
 def requested_stop() -> int:
     """The signal that asked the run to stop, 0 if none did."""
-    return _stop_requested or 0
+    return _stop_requested
 
 
 def describe_write_error(path: Path, error: OSError) -> WriteFailedError:

@@ -27,6 +27,7 @@ from experiments.common import (
     MetricsLog,
     keep_freed_memory,
     keep_lines,
+    launched_by_torchrun,
     mean_ci95,
     provenance,
     read_json,
@@ -412,7 +413,7 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
 
     Ranks other than 0 write their files under ``args.out/rank<r>`` and show no progress bar.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_by_torchrun():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -468,7 +469,7 @@ def resolve_config(
     args.seeds = args.seeds or [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    torchrun = launched_by_torchrun()
     if args.workers < 1:
         parser.error(f"--workers must be positive, got {args.workers}")
     if args.workers > 1 and torchrun:

@@ -285,29 +285,31 @@ def test_a_stopped_few_shot_run_checkpoints_the_step_it_stopped_at(tmp_path, mon
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
+def _state_and_parent(stat):
+    """A process's state letter and parent pid, from its /proc/PID/stat (None once it is gone)."""
+    try:
+        state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return state, int(parent)
+
+
 def _children(pid):
     """The live (not zombie) processes whose parent is ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _records(path):
-    return path.read_text().splitlines() if path.exists() else []
+    return [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if (found := _state_and_parent(stat)) and found[1] == pid and found[0] != "Z"
+    ]
 
 
 def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    found = _state_and_parent(Path(f"/proc/{pid}/stat"))
+    return found is not None and found[0] != "Z"
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -321,7 +323,7 @@ def test_a_stop_with_worker_processes_ends_them_at_once(tmp_path):
     )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_records(metrics)) < 2:
+    while time.monotonic() < deadline and len(_lines(metrics)) < 2:
         time.sleep(0.05)  # the workers are meta-training
     workers = _children(process.pid)
     assert workers
