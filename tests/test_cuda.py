@@ -2,7 +2,8 @@
 
 Run them where a GPU is: ``python -m pytest -m cuda``. Meta-gradients are compared with the
 CPU's on the same tasks and the same initial weights, in full fp32 (TF32 off, as the drivers set
-it); TF32 is checked separately against that fp32 reference.
+it). The one unmarked test runs everywhere: it checks on the CPU that the comparison's tolerance
+is one that a correct fp32 computation meets (fp32 against fp64).
 """
 
 import copy
@@ -21,16 +22,13 @@ from msr.models import conv4
 from msr.streams import keyed_generator
 from synthetic.rotation2d import Steerable2D
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def _fp32():
+@pytest.fixture
+def fp32_on_cuda():
     resolve_device("cuda")  # TF32 off, as the drivers run
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def _learner(kind: str):
@@ -42,11 +40,11 @@ def _learner(kind: str):
     return MAML(model, F.cross_entropy, batching=batching)
 
 
-def _tasks(device: torch.device) -> TaskBatch:
+def _tasks(device: torch.device, dtype: torch.dtype = torch.float32) -> TaskBatch:
     images = torch.rand(20, 6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     classes = ImageClasses(images, tuple(map(str, range(20))))
     tasks = sample_episodes(classes, 4, 5, 1, 3, torch.Generator().manual_seed(2), augment_images)
-    return TaskBatch(*(t.to(device) for t in tasks))
+    return TaskBatch(*(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in tasks))
 
 
 def _meta_gradients(learner, tasks: TaskBatch) -> dict[str, torch.Tensor]:
@@ -55,33 +53,51 @@ def _meta_gradients(learner, tasks: TaskBatch) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().cpu() for n, p in learner.named_parameters() if p.grad is not None}
 
 
-def _relative_errors(ours: dict, reference: dict) -> dict[str, float]:
+def _errors(ours: dict, reference: dict) -> dict[str, float]:
+    """Each parameter's meta-gradient error, relative to the norm of the whole meta-gradient.
+
+    Not to the parameter's own gradient norm: BatchNorm makes some meta-gradients exactly zero
+    (the conv biases before it and their inner lrs; the first layer's 1x1 U_in nearly so), and
+    there two correct fp32 computations differ by rounding alone: by ~1e-7 of the whole
+    meta-gradient, which is up to 1e18 times their own norm (measured against fp64).
+    """
     assert ours.keys() == reference.keys()
-    return {
-        n: ((ours[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in reference.items()
-    }
+    scale = torch.cat([g.flatten() for g in reference.values()]).norm()
+    return {n: ((ours[n] - g).norm() / scale).item() for n, g in reference.items()}
 
 
-@pytest.mark.parametrize("kind", ["maml-vmap", "maml-loop", "msr-loop", "msr-vmap", "protonet"])
-def test_meta_gradients_on_cuda_equal_the_cpus(kind):
+KINDS = ["maml-vmap", "maml-loop", "msr-loop", "msr-vmap", "protonet"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_meta_gradients_are_within_the_cuda_tolerance_of_fp64(kind):
+    learner = _learner(kind)
+    exact = _meta_gradients(copy.deepcopy(learner).double(), _tasks("cpu", torch.float64))
+    errors = _errors(_meta_gradients(learner, _tasks("cpu")), exact)
+    assert max(errors.values()) < 1e-5 / 2, errors  # CUDA's and the CPU's rounding add up
+
+
+@cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_gradients_on_cuda_equal_the_cpus(kind, fp32_on_cuda):
     learner = _learner(kind)
     on_cuda = copy.deepcopy(learner).to(CUDA)
-    errors = _relative_errors(
+    errors = _errors(
         _meta_gradients(on_cuda, _tasks(CUDA)), _meta_gradients(learner, _tasks("cpu"))
     )
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_tf32_meta_gradients_stay_within_one_percent_of_fp32():
-    learner = _learner("msr-loop").to(CUDA)
-    fp32 = _meta_gradients(learner, _tasks(CUDA))
+@cuda
+def test_the_drivers_device_turns_off_the_tf32_that_torch_allows_in_convolutions():
+    torch.backends.cudnn.allow_tf32 = True  # torch's default
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    errors = _relative_errors(_meta_gradients(learner, _tasks(CUDA)), fp32)
-    assert max(errors.values()) < 1e-2, errors
+    resolve_device("cuda")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def test_a_few_shot_training_step_copies_nothing_between_host_and_device():
+@cuda
+def test_a_few_shot_training_step_copies_nothing_between_host_and_device(fp32_on_cuda):
     images = torch.rand(20, 6, 1, 28, 28, device=CUDA)
     classes = ImageClasses(images, tuple(map(str, range(20))))
     learner = _learner("msr-loop").to(CUDA)
@@ -106,14 +122,17 @@ def test_a_few_shot_training_step_copies_nothing_between_host_and_device():
     assert not copies, copies
 
 
-def test_steerable_tasks_on_cuda_are_the_lifting_convolutions_they_claim():
+@cuda
+def test_steerable_tasks_on_cuda_are_the_lifting_convolutions_they_claim(fp32_on_cuda):
     data = Steerable2D(group_name="d8", num_tasks=20, device=CUDA)
     tasks, coefficients = data.tasks(torch.arange(3))
     assert tasks.y_query.device.type == "cuda" and coefficients.device.type == "cuda"
     kernels = data.weights(coefficients)
     for t in range(3):
         x = tasks.x_query[t]
-        torch.testing.assert_close(tasks.y_query[t], F.conv2d(x, kernels[t]))
+        # the tasks were made in one conv over support and query: cuDNN may pick another
+        # algorithm for another batch size, so not bit for bit
+        torch.testing.assert_close(tasks.y_query[t], F.conv2d(x, kernels[t]), rtol=1e-5, atol=1e-5)
         for g in data.group.grid_elements:
             moved = F.conv2d(data.group.transform(x, g), kernels[t])
             assert (moved - data.group.act_regular(tasks.y_query[t], g)).abs().max() < 1e-4
@@ -126,6 +145,7 @@ def _run(driver: str, *arguments) -> dict:
     return done
 
 
+@cuda
 @pytest.mark.parametrize(
     "driver, arguments",
     [
@@ -139,6 +159,7 @@ def test_synthetic_drivers_run_on_cuda(tmp_path, driver, arguments):
     assert runs and all(run["device"] == "cuda:0" and run["mse"] > 0 for run in runs)
 
 
+@cuda
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_few_shot_resumes_on_another_device(tmp_path, first, then):
     common = ("experiments.few_shot", "--method", "msr", "--out", tmp_path)
