@@ -5,14 +5,15 @@
 #   bash scripts/gpu_checks.sh DEST
 #
 # 1. the `cuda` tests (tests/test_cuda.py);
-# 2. the few-shot step benchmark at the paper's scale (python -m benchmarks.few_shot_step --full);
-# 3. the Omniglot 5-way 1-shot `paper` preset of MAML and of MSR, PAPER_SECONDS each (default
+# 2. how far TF32 and bf16 move the meta-gradient (python -m benchmarks.precision);
+# 3. the few-shot step benchmark at the paper's scale (python -m benchmarks.few_shot_step --full);
+# 4. the Omniglot 5-way 1-shot `paper` preset of MAML and of MSR, PAPER_SECONDS each (default
 #    60), stopped by SIGTERM (which checkpoints the step reached) and continued with --resume
 #    when runs/gpu-paper-<method>/ already holds a checkpoint (carry it there to go on).
-# Logs and paper_runs.tgz (runs/gpu-paper-*: checkpoints, metrics) go to DEST: 5 files, within
-# the device tool's 8. DEVICE (default cuda) and the stage limits TESTS_SECONDS (150) and
-# BENCHMARK_SECONDS (240) can be set; the defaults end within 9 minutes, inside one 10-minute
-# device call. The omniglot file is read from ../shared as on the
+# Logs and paper_runs.tgz (runs/gpu-paper-*: checkpoints, metrics) go to DEST: 6 files, within
+# the device tool's 8. DEVICE (default cuda) and the stage limits TESTS_SECONDS (150),
+# PRECISION_SECONDS (45) and BENCHMARK_SECONDS (210) can be set; the defaults end within 9
+# minutes, inside one 10-minute device call. The omniglot file is read from ../shared as on the
 # development machines; where that is absent, from shared/ inside the checkout (the device tool
 # carries it), made beforehand with
 #   mkdir -p shared/data/omniglot && cp -r ../shared/data/omniglot/{omniglot_28x28_lanczos.npz,splits} \
@@ -46,9 +47,13 @@ echo "== cuda tests" >&2
 timeout "${TESTS_SECONDS:-150}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
     2>&1 | tee "$DEST/cuda_tests.log"
 
+echo "== precision" >&2
+timeout "${PRECISION_SECONDS:-45}" "$PY" -m benchmarks.precision --device "$DEVICE" \
+    2>&1 | tee "$DEST/precision.log"
+
 echo "== few-shot step benchmark" >&2
 full=$([ "$DEVICE" = cpu ] || echo --full)
-timeout "${BENCHMARK_SECONDS:-240}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
+timeout "${BENCHMARK_SECONDS:-210}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
     2>&1 | tee "$DEST/benchmark.log"
 
 for method in maml msr; do

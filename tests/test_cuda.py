@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.few_shot_step import benchmark_config
+from benchmarks.precision import compare, within_tolerance
 from experiments.common import REPO_ROOT, resolve_device
 from msr import MAML, ProtoNet, TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
@@ -86,6 +88,13 @@ def test_meta_gradients_on_cuda_equal_the_cpus(kind, fp32_on_cuda):
         _meta_gradients(on_cuda, _tasks(CUDA)), _meta_gradients(learner, _tasks("cpu"))
     )
     assert max(errors.values()) < 1e-5, errors
+
+
+@cuda
+@pytest.mark.parametrize("method", ["maml", "msr"])
+def test_tf32_moves_the_paper_settings_meta_gradient_within_the_tolerance(method, fp32_on_cuda):
+    changes = compare(method, benchmark_config(CUDA, full=True), CUDA, ("tf32", "next meta-batch"))
+    assert within_tolerance(changes, "tf32"), changes
 
 
 @cuda

@@ -1,0 +1,194 @@
+"""How far reduced precision moves the few-shot meta-gradient, beside how sensitive it is anyway.
+
+    python -m benchmarks.precision [--device auto|cpu|cuda] [--full]
+
+For MAML and MSR on the setting of ``benchmarks.few_shot_step`` (the paper's Omniglot 5-way
+1-shot outer step; on the CPU scaled down unless ``--full``), one meta-batch's meta-gradient at
+initialization is computed in fp32 and compared (``|g - g_fp32| / |g_fp32|``, over all
+parameters) with:
+- ``fp64``: the rounding floor of fp32 itself;
+- ``tf32 (emulated)``: every conv, linear and einsum, and the gradient flowing into it, with
+  inputs rounded to TF32's 10-bit mantissa (``tf32_emulation``); runs on the CPU. The convs
+  inside double backward are not rounded, so this is a lower bound of sorts;
+- ``tf32``: on CUDA, the real TF32 (``allow_tf32``), which also checks the emulation;
+- ``bf16 autocast``: ``torch.autocast`` with bfloat16, real on the CPU and on CUDA;
+- ``fp32, weights as tf32``: plain fp32 again, on the weights rounded once to TF32's precision:
+  how much the meta-gradient moves for a change of the weights of TF32's size, by itself (its
+  ReLUs and max-pools make it piecewise smooth, so such changes can switch pieces);
+- ``next meta-batch``: the next step's meta-batch: the sampling noise SGD lives with anyway.
+The drivers compute in fp32; README "Devices and GPUs" says why, from this benchmark's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from benchmarks.few_shot_step import METHODS, SCALED, WAYS, benchmark_config, episodes
+from experiments.common import resolve_device
+from experiments.few_shot import DEFAULT_DATA, FewShotConfig, build_learner, load_split
+from msr import TaskBatch
+
+TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, TF32 10
+ROUNDED_OPS = {F.conv2d, F.linear, torch.einsum, torch.matmul}
+TOLERANCE = 0.1  # of the change to the next meta-batch (``within_tolerance``)
+
+
+def round_mantissa(x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
+    """fp32 ``x`` rounded to nearest (ties away from zero) with its lowest mantissa bits zero."""
+    if x.dtype != torch.float32 or not 0 < dropped_bits < 23:
+        raise ValueError(f"needs fp32 and 0 < dropped_bits < 23, got {x.dtype}, {dropped_bits}")
+    bits = x.detach().view(torch.int32)
+    rounded = (bits + (1 << (dropped_bits - 1))) & ~((1 << dropped_bits) - 1)
+    return rounded.view(torch.float32)
+
+
+def _rounded(x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
+    """``x``'s value rounded, its gradient passed through (differentiable to any order)."""
+    return x + (round_mantissa(x, dropped_bits) - x).detach()
+
+
+class _RoundGradient(torch.autograd.Function):
+    """Identity forward; rounds the gradient flowing back into the op below it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
+        ctx.dropped_bits = dropped_bits
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _rounded(grad, ctx.dropped_bits), None
+
+
+class _TensorCoreRounding(TorchFunctionMode):
+    """Rounds the tensor inputs of ``ROUNDED_OPS`` and the gradients of their outputs."""
+
+    def __init__(self, dropped_bits: int) -> None:
+        super().__init__()
+        self.dropped_bits = dropped_bits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in ROUNDED_OPS:
+            return func(*args, **kwargs)
+
+        def round_input(a):
+            is_fp32 = isinstance(a, torch.Tensor) and a.dtype == torch.float32
+            return _rounded(a, self.dropped_bits) if is_fp32 else a
+
+        out = func(*map(round_input, args), **kwargs)
+        return _RoundGradient.apply(out, self.dropped_bits)
+
+
+def tf32_emulation() -> contextlib.AbstractContextManager:
+    """TF32 on any device: fp32 matmul/conv inputs (and incoming gradients) rounded to 10 bits."""
+    return _TensorCoreRounding(TF32_DROPPED_BITS)
+
+
+@contextlib.contextmanager
+def _real_tf32() -> Iterator[None]:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+def _flat_meta_gradient(learner, tasks: TaskBatch, context=contextlib.nullcontext) -> torch.Tensor:
+    learner.zero_grad()
+    with context():
+        learner.meta_backward(tasks)
+    grads = [p.grad.flatten() for _, p in sorted(learner.named_parameters()) if p.grad is not None]
+    return torch.cat(grads).double().cpu()
+
+
+def _weights_rounded(learner, dropped_bits: int):
+    """A copy of ``learner`` whose network weights are rounded once (its inner lrs are not)."""
+    twin = copy.deepcopy(learner)
+    with torch.no_grad():
+        for p in twin.model.parameters():
+            p.copy_(round_mantissa(p, dropped_bits))
+    return twin
+
+
+def _as(tasks: TaskBatch, dtype: torch.dtype) -> TaskBatch:
+    return TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in tasks))
+
+
+def compare(
+    method: str, cfg: FewShotConfig, device: torch.device, names: tuple[str, ...] | None = None
+) -> dict[str, float]:
+    """Relative meta-gradient change of each variant (all, or ``names``) against fp32."""
+    torch.manual_seed(0)
+    classes = load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+    learner = build_learner(method, 1, WAYS, replace(cfg, batching="loop")).to(device)
+    tasks = episodes(classes, cfg, 0, device)
+    reference = _flat_meta_gradient(learner, tasks)
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "fp64": lambda: _flat_meta_gradient(
+            copy.deepcopy(learner).double(), _as(tasks, torch.float64)
+        ),
+        "tf32 (emulated)": lambda: _flat_meta_gradient(learner, tasks, tf32_emulation),
+        "bf16 autocast": lambda: _flat_meta_gradient(
+            learner, tasks, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        ),
+        "fp32, weights as tf32": lambda: _flat_meta_gradient(
+            _weights_rounded(learner, TF32_DROPPED_BITS), tasks
+        ),
+        "next meta-batch": lambda: _flat_meta_gradient(learner, episodes(classes, cfg, 1, device)),
+    }
+    if device.type == "cuda":
+        variants["tf32"] = lambda: _flat_meta_gradient(learner, tasks, _real_tf32)
+    return {
+        name: ((variants[name]() - reference).norm() / reference.norm()).item()
+        for name in names or variants
+    }
+
+
+def within_tolerance(changes: dict[str, float], name: str) -> bool:
+    """Whether variant ``name`` moves the meta-gradient less than ``TOLERANCE`` times the next
+    meta-batch does: as uncorrelated noise it would then add under 2% to the variance of the
+    meta-gradients SGD follows (two meta-batches differ by sqrt(2) of their spread)."""
+    return changes[name] < TOLERANCE * changes["next meta-batch"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--full", action="store_true", help="the paper setting on the CPU too")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cfg = benchmark_config(device, args.full)
+    setting = "paper setting" if args.full or device.type == "cuda" else f"scaled {SCALED}"
+    print(
+        f"Meta-gradient change against fp32 at initialization, one meta-batch, {device} "
+        f"({setting}; torch {torch.__version__}):"
+    )
+    rows = {}
+    for method in METHODS:
+        rows[method] = compare(method, cfg, device)
+        changes = rows[method]
+        print(
+            f"{method:5s} "
+            + "  ".join(
+                f"{k}: {v:.2g}{'' if within_tolerance(changes, k) else ' (out)'}"
+                for k, v in changes.items()
+                if k != "next meta-batch"
+            )
+            + f"  next meta-batch: {changes['next meta-batch']:.2g}"
+        )
+    print(f"(out): not below {TOLERANCE} x the next meta-batch's change")
+    print(json.dumps({"device": str(device), "config": asdict(cfg), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
