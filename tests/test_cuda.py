@@ -1,9 +1,10 @@
 """The same library and drivers on a CUDA GPU (marked ``cuda``: skipped without one, as in CI).
 
-Run them where a GPU is: ``python -m pytest -m cuda``. Meta-gradients are compared with the
-CPU's on the same tasks and the same initial weights, in full fp32 (TF32 off, as the drivers set
-it). The one unmarked test runs everywhere: it checks on the CPU that the comparison's tolerance
-is one that a correct fp32 computation meets (fp32 against fp64).
+Run them where a GPU is: ``python -m pytest -m cuda``. Meta-gradients on the same tasks and
+initial weights are compared two ways: in fp64, CUDA's must equal the CPU's to 1e-9 (the same
+computation); in fp32 (TF32 off, as the drivers run), CUDA's must be within 1e-5 of the exact
+(fp64) ones, as the CPU's are (the unmarked tests, run everywhere), so the two devices' fp32
+meta-gradients agree to 2e-5.
 """
 
 import copy
@@ -14,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from benchmarks.few_shot_step import benchmark_config
 from benchmarks.precision import compare, within_tolerance
@@ -33,12 +35,29 @@ def fp32_on_cuda():
     resolve_device("cuda")  # TF32 off, as the drivers run
 
 
-def _learner(kind: str):
+def smooth_conv4(*args, **kwargs) -> nn.Sequential:
+    """Conv-4 with GELU for ReLU and average for max pooling: a smooth meta-gradient.
+
+    ReLU and max-pool make the meta-gradient only piecewise smooth, and a rounding difference
+    can switch a piece: fp32 against fp64 on the CPU moved it by up to 3e-3 for 3 of 125
+    (kind, seed) pairs. With this backbone fp32's error stays at rounding level (at most 4.1e-6
+    over the same 125), so it can be held to 1e-5 on every device.
+    """
+    model = conv4(*args, **kwargs)
+    for index, layer in enumerate(model):
+        if isinstance(layer, nn.ReLU):
+            model[index] = nn.GELU()
+        elif isinstance(layer, nn.MaxPool2d):
+            model[index] = nn.AvgPool2d(2)
+    return model
+
+
+def _learner(kind: str, backbone=conv4):
     ways = 5
     if kind == "protonet":
-        return ProtoNet(conv4(1, 28, hidden=16), ways)
+        return ProtoNet(backbone(1, 28, hidden=16), ways)
     method, batching = kind.split("-")
-    model = conv4(1, 28, hidden=16, ways=ways, learn_symmetry=method == "msr")
+    model = backbone(1, 28, hidden=16, ways=ways, learn_symmetry=method == "msr")
     return MAML(model, F.cross_entropy, batching=batching)
 
 
@@ -72,22 +91,32 @@ KINDS = ["maml-vmap", "maml-loop", "msr-loop", "msr-vmap", "protonet"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fp32_meta_gradients_are_within_the_cuda_tolerance_of_fp64(kind):
-    learner = _learner(kind)
+def test_fp32_meta_gradients_are_within_1e_5_of_exact(kind):
+    learner = _learner(kind, smooth_conv4)
     exact = _meta_gradients(copy.deepcopy(learner).double(), _tasks("cpu", torch.float64))
     errors = _errors(_meta_gradients(learner, _tasks("cpu")), exact)
-    assert max(errors.values()) < 1e-5 / 2, errors  # CUDA's and the CPU's rounding add up
+    assert max(errors.values()) < 1e-5, errors
 
 
 @cuda
 @pytest.mark.parametrize("kind", KINDS)
-def test_meta_gradients_on_cuda_equal_the_cpus(kind, fp32_on_cuda):
-    learner = _learner(kind)
+def test_fp32_meta_gradients_on_cuda_are_within_1e_5_of_exact(kind, fp32_on_cuda):
+    learner = _learner(kind, smooth_conv4)
+    exact = _meta_gradients(copy.deepcopy(learner).double(), _tasks("cpu", torch.float64))
+    errors = _errors(_meta_gradients(learner.to(CUDA), _tasks(CUDA)), exact)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_gradients_on_cuda_equal_the_cpus_in_fp64(kind):
+    learner = _learner(kind).double()  # the real Conv-4: fp64 switches no ReLU or max-pool piece
     on_cuda = copy.deepcopy(learner).to(CUDA)
     errors = _errors(
-        _meta_gradients(on_cuda, _tasks(CUDA)), _meta_gradients(learner, _tasks("cpu"))
+        _meta_gradients(on_cuda, _tasks(CUDA, torch.float64)),
+        _meta_gradients(learner, _tasks("cpu", torch.float64)),
     )
-    assert max(errors.values()) < 1e-5, errors
+    assert max(errors.values()) < 1e-9, errors
 
 
 @cuda
