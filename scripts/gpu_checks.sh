@@ -8,11 +8,11 @@
 # 2. how far TF32 and bf16 move the meta-gradient (python -m benchmarks.precision);
 # 3. the few-shot step benchmark at the paper's scale (python -m benchmarks.few_shot_step --full);
 # 4. the Omniglot 5-way 1-shot `paper` preset of MAML and of MSR, PAPER_SECONDS each (default
-#    60), stopped by SIGTERM (which checkpoints the step reached) and continued with --resume
+#    55), stopped by SIGTERM (which checkpoints the step reached) and continued with --resume
 #    when runs/gpu-paper-<method>/ already holds a checkpoint (carry it there to go on).
 # Logs and paper_runs.tgz (runs/gpu-paper-*: checkpoints, metrics) go to DEST: 6 files, within
-# the device tool's 8. DEVICE (default cuda) and the stage limits TESTS_SECONDS (150),
-# PRECISION_SECONDS (45) and BENCHMARK_SECONDS (210) can be set; the defaults end within 9
+# the device tool's 8. DEVICE (default cuda) and the stage limits TESTS_SECONDS (180),
+# PRECISION_SECONDS (45) and BENCHMARK_SECONDS (200) can be set; the defaults end within 9
 # minutes, inside one 10-minute device call. The omniglot file is read from ../shared as on the
 # development machines; where that is absent, from shared/ inside the checkout (the device tool
 # carries it), made beforehand with
@@ -44,8 +44,8 @@ print(f"torch {torch.__version__}, {name}")
 EOF
 
 echo "== cuda tests" >&2
-timeout "${TESTS_SECONDS:-150}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
-    2>&1 | tee "$DEST/cuda_tests.log"
+timeout "${TESTS_SECONDS:-180}" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
+    -m cuda tests/test_cuda.py 2>&1 | tee "$DEST/cuda_tests.log"
 
 echo "== precision" >&2
 timeout "${PRECISION_SECONDS:-45}" "$PY" -m benchmarks.precision --device "$DEVICE" \
@@ -53,14 +53,14 @@ timeout "${PRECISION_SECONDS:-45}" "$PY" -m benchmarks.precision --device "$DEVI
 
 echo "== few-shot step benchmark" >&2
 full=$([ "$DEVICE" = cpu ] || echo --full)
-timeout "${BENCHMARK_SECONDS:-210}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
+timeout "${BENCHMARK_SECONDS:-200}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
     2>&1 | tee "$DEST/benchmark.log"
 
 for method in maml msr; do
-    echo "== paper preset, $method, ${PAPER_SECONDS:-60} s" | tee -a "$DEST/paper_runs.log" >&2
+    echo "== paper preset, $method, ${PAPER_SECONDS:-55} s" | tee -a "$DEST/paper_runs.log" >&2
     out="runs/gpu-paper-$method"
     resume=$([ -f "$out/checkpoint.pt" ] && echo --resume)
-    timeout --preserve-status -s TERM "${PAPER_SECONDS:-60}" \
+    timeout --preserve-status -s TERM "${PAPER_SECONDS:-55}" \
         "$PY" -m experiments.few_shot --method "$method" --preset paper --device "$DEVICE" \
         --out "$out" $resume 2>&1 \
         | tr '\r' '\n' | grep -v -E '[0-9]+/[0-9]+ \[' | tee -a "$DEST/paper_runs.log"
