@@ -7,9 +7,10 @@ For MAML and MSR on the setting of ``benchmarks.few_shot_step`` (the paper's Omn
 initialization is computed in fp32 and compared (``|g - g_fp32| / |g_fp32|``, over all
 parameters) with:
 - ``fp64``: the rounding floor of fp32 itself;
-- ``tf32 (emulated)``: every conv, linear and einsum, and the gradient flowing into it, with
-  inputs rounded to TF32's 10-bit mantissa (``tf32_emulation``); runs on the CPU. The convs
-  inside double backward are not rounded, so this is a lower bound of sorts;
+- ``tf32 (emulated)``: every conv, linear and einsum with its multiplied inputs (not a bias)
+  and the gradient flowing into it rounded to TF32's 10-bit mantissa (``tf32_emulation``); runs
+  on any device. The convs inside double backward are not rounded, so this is a lower bound of
+  sorts;
 - ``tf32``: on CUDA, the real TF32 (``allow_tf32``), which also checks the emulation;
 - ``bf16 autocast``: ``torch.autocast`` with bfloat16, real on the CPU and on CUDA;
 - ``fp32, weights as tf32``: plain fp32 again, on the weights rounded once to TF32's precision:
@@ -70,7 +71,7 @@ class _RoundGradient(torch.autograd.Function):
 
 
 class _TensorCoreRounding(TorchFunctionMode):
-    """Rounds the tensor inputs of ``ROUNDED_OPS`` and the gradients of their outputs."""
+    """Rounds the multiplied inputs of ``ROUNDED_OPS`` and the gradients of their outputs."""
 
     def __init__(self, dropped_bits: int) -> None:
         super().__init__()
@@ -85,12 +86,15 @@ class _TensorCoreRounding(TorchFunctionMode):
             is_fp32 = isinstance(a, torch.Tensor) and a.dtype == torch.float32
             return _rounded(a, self.dropped_bits) if is_fp32 else a
 
-        out = func(*map(round_input, args), **kwargs)
-        return _RoundGradient.apply(out, self.dropped_bits)
+        # the multiplied operands: all of einsum's; input and weight of the others (a bias is
+        # added in fp32 after the tensor-core product, as TF32 does)
+        multiplied = len(args) if func is torch.einsum else 2
+        args = (*map(round_input, args[:multiplied]), *args[multiplied:])
+        return _RoundGradient.apply(func(*args, **kwargs), self.dropped_bits)
 
 
 def tf32_emulation() -> contextlib.AbstractContextManager:
-    """TF32 on any device: fp32 matmul/conv inputs (and incoming gradients) rounded to 10 bits."""
+    """TF32 on any device: multiplied fp32 inputs and incoming gradients rounded to 10 bits."""
     return _TensorCoreRounding(TF32_DROPPED_BITS)
 
 

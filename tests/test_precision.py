@@ -43,15 +43,17 @@ def test_tf32_emulation_rounds_conv_inputs_and_the_gradient_into_the_conv():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, generator=generator, requires_grad=True)
+    bias = torch.randn(4, generator=generator)
     upstream = torch.randn(2, 4, 6, 6, generator=generator)
 
     def rounded(t):
         return round_mantissa(t, TF32_DROPPED_BITS)
 
     with tf32_emulation():
-        out = F.conv2d(x, w)
+        out = F.conv2d(x, w, bias)
         (grad_x,) = torch.autograd.grad(out, x, upstream, create_graph=True)
-    torch.testing.assert_close(out, F.conv2d(rounded(x), rounded(w)), rtol=0, atol=0)
+    # the bias is added in fp32, unrounded
+    torch.testing.assert_close(out, F.conv2d(rounded(x), rounded(w), bias), rtol=0, atol=0)
     expected = torch.nn.grad.conv2d_input(x.shape, rounded(w), rounded(upstream))
     torch.testing.assert_close(grad_x, expected, rtol=0, atol=0)
     (second,) = torch.autograd.grad(grad_x.square().sum(), w)  # differentiable again
