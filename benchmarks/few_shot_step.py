@@ -34,6 +34,7 @@ import torch
 
 from experiments.common import REPO_ROOT, keep_freed_memory, resolve_device
 from experiments.few_shot import DEFAULT_DATA, PRESETS, FewShotConfig, build_learner, load_split
+from msr import TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.streams import keyed_generator
 
@@ -49,7 +50,9 @@ def benchmark_config(device: torch.device, full: bool) -> FewShotConfig:
     return paper if full or device.type == "cuda" else replace(paper, **SCALED)
 
 
-def episodes(classes: ImageClasses, cfg: FewShotConfig, index: int, device: torch.device):
+def episodes(
+    classes: ImageClasses, cfg: FewShotConfig, index: int, device: torch.device
+) -> TaskBatch:
     """Outer step ``index``'s meta-batch, sampled and augmented on ``device`` as the driver does."""
     generator = keyed_generator(0, index, device)
     return sample_episodes(
