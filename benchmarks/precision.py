@@ -124,10 +124,6 @@ def _weights_rounded(learner, dropped_bits: int):
     return twin
 
 
-def _as(tasks: TaskBatch, dtype: torch.dtype) -> TaskBatch:
-    return TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in tasks))
-
-
 def compare(
     method: str, cfg: FewShotConfig, device: torch.device, names: tuple[str, ...] | None = None
 ) -> dict[str, float]:
@@ -139,7 +135,7 @@ def compare(
     reference = _flat_meta_gradient(learner, tasks)
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "fp64": lambda: _flat_meta_gradient(
-            copy.deepcopy(learner).double(), _as(tasks, torch.float64)
+            copy.deepcopy(learner).double(), tasks.to(dtype=torch.float64)
         ),
         "tf32 (emulated)": lambda: _flat_meta_gradient(learner, tasks, tf32_emulation),
         "bf16 autocast": lambda: _flat_meta_gradient(

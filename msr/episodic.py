@@ -35,6 +35,18 @@ class TaskBatch(NamedTuple):
         """The single task ``index`` (no task dimension)."""
         return TaskBatch(*(t[index] for t in self))
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "TaskBatch":
+        """The same tasks on ``device``, as ``nn.Module.to``: ``dtype`` casts the floating-point
+        tensors (inputs, regression targets) and leaves class labels as they are."""
+
+        def moved(t: Tensor) -> Tensor:
+            cast = dtype is not None and t.is_floating_point()
+            return t.to(device=device, dtype=dtype if cast else t.dtype)
+
+        return TaskBatch(*map(moved, self))
+
 
 class EpisodicLearner(nn.Module):
     """Base class: ``model`` is the network, ``batching`` how a meta-batch runs."""

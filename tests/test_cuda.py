@@ -65,7 +65,7 @@ def _tasks(device: torch.device, dtype: torch.dtype = torch.float32) -> TaskBatc
     images = torch.rand(20, 6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     classes = ImageClasses(images, tuple(map(str, range(20))))
     tasks = sample_episodes(classes, 4, 5, 1, 3, torch.Generator().manual_seed(2), augment_images)
-    return TaskBatch(*(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in tasks))
+    return tasks.to(device, dtype)
 
 
 def _meta_gradients(learner, tasks: TaskBatch) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from experiments.common import REPO_ROOT, resolve_device
 from experiments.rotation import full_U, symmetry_scores
-from msr import MAML, ProtoNet, accuracy, bases
+from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.groups import get_group
 from msr.models import conv4
@@ -143,3 +143,18 @@ def test_drivers_refuse_cuda_where_there_is_none(tmp_path, driver, arguments):
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--device cuda: CUDA is not available here" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "results.json").exists()
+
+
+def test_task_batch_to_moves_every_tensor_and_casts_only_floating_ones():
+    labelled = TaskBatch(
+        torch.rand(2, 3, 4),
+        torch.arange(6).view(2, 3),
+        torch.rand(2, 5, 4),
+        torch.arange(10).view(2, 5),
+    )
+    moved = labelled.to(no_default_device, torch.float64)
+    assert [t.device for t in moved] == [no_default_device] * 4
+    assert [t.dtype for t in moved] == [torch.float64, torch.int64, torch.float64, torch.int64]
+    regression = TaskBatch(*(torch.rand(1, 2) for _ in range(4)))
+    assert {t.dtype for t in regression.to(dtype=torch.float64)} == {torch.float64}
+    assert labelled.to("cpu").x_support is labelled.x_support  # nothing to change, no copy
