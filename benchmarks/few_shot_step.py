@@ -50,6 +50,16 @@ def benchmark_config(device: torch.device, full: bool) -> FewShotConfig:
     return paper if full or device.type == "cuda" else replace(paper, **SCALED)
 
 
+def setting_name(cfg: FewShotConfig) -> str:
+    """How the reports name ``cfg``: the paper setting, or the scaled one."""
+    return "paper setting" if cfg == PRESETS["omniglot"]["paper"] else f"scaled setting {SCALED}"
+
+
+def omniglot_train(device: torch.device) -> ImageClasses:
+    """The Omniglot training classes the benchmarks sample from, put on ``device`` once."""
+    return load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+
+
 def episodes(
     classes: ImageClasses, cfg: FewShotConfig, index: int, device: torch.device
 ) -> TaskBatch:
@@ -63,7 +73,7 @@ def episodes(
 def measure(method: str, path: str, cfg: FewShotConfig, device: torch.device, repeats: int):
     """(median ms per outer step, peak MiB of a step) of one method on one path."""
     torch.manual_seed(0)
-    classes = load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+    classes = omniglot_train(device)
     learner = build_learner(
         method, 1, WAYS, replace(cfg, batching="vmap" if path == "vmap" else "loop")
     )
@@ -147,9 +157,8 @@ def main() -> None:
         print(json.dumps({"ms": ms, "peak_mib": peak}))
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    setting = "paper setting" if cfg == paper else f"scaled setting {SCALED}"
     print(
-        f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting}; torch "
+        f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting_name(cfg)}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads), median of {args.repeats}:"
     )
     print("method  path      ms/step   peak MiB   60,000 steps")

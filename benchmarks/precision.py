@@ -33,10 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.few_shot_step import METHODS, SCALED, WAYS, benchmark_config, episodes
+from benchmarks.few_shot_step import (
+    METHODS,
+    WAYS,
+    benchmark_config,
+    episodes,
+    omniglot_train,
+    setting_name,
+)
 from experiments.common import resolve_device
-from experiments.few_shot import DEFAULT_DATA, FewShotConfig, build_learner, load_split
+from experiments.few_shot import FewShotConfig, build_learner
 from msr import TaskBatch
+from msr.data import ImageClasses
 
 TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, TF32 10
 ROUNDED_OPS = {F.conv2d, F.linear, torch.einsum, torch.matmul}
@@ -125,11 +133,12 @@ def _weights_rounded(learner, dropped_bits: int):
 
 
 def compare(
-    method: str, cfg: FewShotConfig, device: torch.device, names: tuple[str, ...] | None = None
+    method: str, cfg: FewShotConfig, classes: ImageClasses, names: tuple[str, ...] | None = None
 ) -> dict[str, float]:
-    """Relative meta-gradient change of each variant (all, or ``names``) against fp32."""
+    """Relative meta-gradient change of each variant (all, or ``names``) against fp32, on
+    episodes from ``classes`` (``omniglot_train``), on their device."""
     torch.manual_seed(0)
-    classes = load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+    device = classes.flat.device
     learner = build_learner(method, 1, WAYS, replace(cfg, batching="loop")).to(device)
     tasks = episodes(classes, cfg, 0, device)
     reference = _flat_meta_gradient(learner, tasks)
@@ -168,14 +177,14 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     cfg = benchmark_config(device, args.full)
-    setting = "paper setting" if args.full or device.type == "cuda" else f"scaled {SCALED}"
     print(
         f"Meta-gradient change against fp32 at initialization, one meta-batch, {device} "
-        f"({setting}; torch {torch.__version__}):"
+        f"({setting_name(cfg)}; torch {torch.__version__}):"
     )
+    classes = omniglot_train(device)
     rows = {}
     for method in METHODS:
-        rows[method] = compare(method, cfg, device)
+        rows[method] = compare(method, cfg, classes)
         changes = rows[method]
         print(
             f"{method:5s} "

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.few_shot_step import benchmark_config
+from benchmarks.few_shot_step import benchmark_config, omniglot_train
 from benchmarks.precision import (
     TF32_DROPPED_BITS,
     compare,
@@ -60,9 +60,14 @@ def test_tf32_emulation_rounds_conv_inputs_and_the_gradient_into_the_conv():
     assert second.isfinite().all() and second.abs().sum() > 0
 
 
+@pytest.fixture(scope="module")
+def omniglot_on_cpu():
+    return omniglot_train(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("method", ["maml", "msr"])
-def test_emulated_tf32_moves_the_meta_gradient_within_the_tolerance(method):
-    cpu = torch.device("cpu")
-    changes = compare(method, benchmark_config(cpu, full=False), cpu, NAMES)
+def test_emulated_tf32_moves_the_meta_gradient_within_the_tolerance(method, omniglot_on_cpu):
+    cfg = benchmark_config(torch.device("cpu"), full=False)
+    changes = compare(method, cfg, omniglot_on_cpu, NAMES)
     assert within_tolerance(changes, "tf32 (emulated)"), changes
     assert changes["tf32 (emulated)"] > 100 * changes["fp64"], changes  # it did round
