@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_records import logged_metrics
 
 from experiments.common import REPO_ROOT, MetricsLog, atomic_write
 from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
@@ -140,7 +141,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     """A stop or a full disk in the middle of an append leaves a line without its newline."""
     out = tmp_path / "run"
     assert _synthetic(out, "--steps", "3").returncode == 0
-    finished = _records(out / "metrics.jsonl")
+    finished = logged_metrics(out / "metrics.jsonl")
     results = json.loads((out / "results.json").read_text())
     results["runs"] = []  # as if the job had been cut off: it is redone
     (out / "results.json").write_text(json.dumps(results))
@@ -149,13 +150,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     resumed = _synthetic(out, "--steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "dropping its torn last line" in resumed.stderr
-    assert _records(out / "metrics.jsonl") == finished
-
-
-def _records(path):
-    """A metrics log without its wall times."""
-    lines = path.read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+    assert logged_metrics(out / "metrics.jsonl") == finished
 
 
 def test_a_metrics_append_on_a_full_disk_says_so():

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_records import logged_metrics
 
 from experiments import few_shot
 from experiments.common import REPO_ROOT
 from experiments.rundir import Stopped, check_stop, deferred_stops
 from msr import ProtoNet
-
-
-def _metrics(path):
-    return [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in path.read_text().splitlines()
-    ]
 
 
 def _without_wall(runs):
@@ -52,7 +46,9 @@ def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(json.loads((tmp_path / name / "results.json").read_text())["runs"])
     assert _without_wall(runs[0]) == _without_wall(runs[1])
-    assert _metrics(tmp_path / "a" / "metrics.jsonl") == _metrics(tmp_path / "b" / "metrics.jsonl")
+    assert logged_metrics(tmp_path / "a" / "metrics.jsonl") == logged_metrics(
+        tmp_path / "b" / "metrics.jsonl"
+    )
 
 
 # SIGKILL ends the process at once; SIGTERM and SIGINT stop it between writes, with a message
@@ -132,7 +128,9 @@ def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
     b = json.loads((killed / "results.json").read_text())
     assert (a["accuracy"], a["ci95"]) == (b["accuracy"], b["ci95"])
     # Lines logged after the last checkpoint are dropped on resume and redone identically.
-    assert _metrics(killed / "metrics.jsonl") == _metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
+        tmp_path / "whole" / "metrics.jsonl"
+    )
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -197,7 +195,9 @@ def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
     b = json.loads((killed / "results.json").read_text())
     assert _without_wall(a["runs"]) == _without_wall(b["runs"])
     assert b["runs"][0]["wall_s"] == partial["runs"][0]["wall_s"]  # kept, not rerun
-    assert _metrics(killed / "metrics.jsonl") == _metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
+        tmp_path / "whole" / "metrics.jsonl"
+    )
 
 
 def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
