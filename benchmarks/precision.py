@@ -108,11 +108,13 @@ def tf32_emulation() -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def _real_tf32() -> Iterator[None]:
+    """TF32 in CUDA matmuls and convolutions inside; the flags as they were afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _flat_meta_gradient(learner, tasks: TaskBatch, context=contextlib.nullcontext) -> torch.Tensor:

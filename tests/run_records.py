@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules that compare a run's files across stops and resumes."""
+"""Helpers shared by the test modules that stop runs and compare their files across resumes."""
 
 import json
 from pathlib import Path
@@ -8,3 +8,27 @@ def logged_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, without their wall times (which no two runs share)."""
     lines = path.read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+
+def _state_and_parent(stat: Path) -> tuple[str, int] | None:
+    """A process's state letter and parent pid, from its /proc/PID/stat (None once it is gone)."""
+    try:
+        state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return state, int(parent)
+
+
+def children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``."""
+    return [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if (found := _state_and_parent(stat)) and found[1] == pid and found[0] != "Z"
+    ]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (neither gone nor a zombie)."""
+    found = _state_and_parent(Path(f"/proc/{pid}/stat"))
+    return found is not None and found[0] != "Z"

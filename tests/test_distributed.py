@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from run_records import children
 
 from experiments.common import REPO_ROOT
 from msr import MAML, MSRLinear, TaskBatch
@@ -114,15 +115,13 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
 
 def _rank_pid(launcher_pid, rank):
     """The pid of the torchrun worker of ``rank`` (a child of the launcher), or None yet."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    for pid in children(launcher_pid):
         try:
-            status = (environ.parent / "status").read_text()
-            variables = environ.read_bytes().split(b"\0")
+            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        parent = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid"))
-        if int(parent) == launcher_pid and f"RANK={rank}".encode() in variables:
-            return int(environ.parent.name)
+        if f"RANK={rank}".encode() in variables:
+            return pid
     return None
 
 

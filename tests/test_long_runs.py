@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_records import logged_metrics
+from run_records import alive, children, logged_metrics
 
 from experiments import few_shot
 from experiments.common import REPO_ROOT
@@ -285,29 +285,6 @@ def test_a_stopped_few_shot_run_checkpoints_the_step_it_stopped_at(tmp_path, mon
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
-def _state_and_parent(stat):
-    """A process's state letter and parent pid, from its /proc/PID/stat (None once it is gone)."""
-    try:
-        state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
-    except OSError:
-        return None
-    return state, int(parent)
-
-
-def _children(pid):
-    """The live (not zombie) processes whose parent is ``pid``."""
-    return [
-        int(stat.parent.name)
-        for stat in Path("/proc").glob("[0-9]*/stat")
-        if (found := _state_and_parent(stat)) and found[1] == pid and found[0] != "Z"
-    ]
-
-
-def _alive(pid):
-    found = _state_and_parent(Path(f"/proc/{pid}/stat"))
-    return found is not None and found[0] != "Z"
-
-
 def _lines(path):
     return path.read_text().splitlines() if path.exists() else []
 
@@ -325,14 +302,14 @@ def test_a_stop_with_worker_processes_ends_them_at_once(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_lines(metrics)) < 2:
         time.sleep(0.05)  # the workers are meta-training
-    workers = _children(process.pid)
+    workers = children(process.pid)
     assert workers
     stopped_at = time.monotonic()
     _stop(process, signal.SIGTERM, 128 + signal.SIGTERM)
     assert time.monotonic() - stopped_at < 30  # not after the jobs (minutes each)
     deadline = time.monotonic() + 10
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
+    while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(map(_alive, workers))
+    assert not any(map(alive, workers))
     assert json.loads((out / "results.json").read_text())["runs"] == []
     assert not (out / ".lock").exists()
