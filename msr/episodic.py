@@ -93,6 +93,14 @@ class EpisodicLearner(nn.Module):
         """Every tensor the per-task function reads (a pytree); detached for scoring."""
         raise NotImplementedError
 
+    def _check(self, tasks: TaskBatch) -> None:
+        """Refuse tasks this learner cannot score (beyond ``check_tasks``); nothing by default."""
+
+    def _checked(self, tasks: TaskBatch | tuple[Tensor, ...]) -> TaskBatch:
+        tasks = check_tasks(tasks)
+        self._check(tasks)
+        return tasks
+
     def _query(
         self,
         state: Any,
@@ -114,9 +122,21 @@ class EpisodicLearner(nn.Module):
         self, prediction: Tensor, target: Tensor, metrics: Mapping[str, LossFn]
     ) -> dict[str, Tensor]:
         """The training ``"loss"`` and each extra metric of one task's query predictions."""
-        out = {"loss": self.loss_fn(prediction, target)}
+        out = {"loss": self._loss(prediction, target, "query")}
         out.update({name: fn(prediction, target) for name, fn in metrics.items()})
         return out
+
+    def _loss(self, prediction: Tensor, target: Tensor, part: str) -> Tensor:
+        """``loss_fn`` on one task's ``part`` ("support" or "query") set. Real-valued targets
+        must have the predictions' shape: a loss such as ``mse_loss`` would broadcast (N,)
+        targets against (N, 1) predictions into an (N, N) comparison without an error."""
+        if target.is_floating_point() and target.shape != prediction.shape:
+            raise ValueError(
+                f"{part} targets of shape {tuple(target.shape)} for predictions of shape "
+                f"{tuple(prediction.shape)} (per task): the loss would broadcast them; give "
+                "the targets the predictions' shape"
+            )
+        return self.loss_fn(prediction, target)
 
     def _run(
         self, tasks: TaskBatch, detach: bool, metrics: Mapping[str, LossFn], chunk_size: int | None
@@ -132,7 +152,7 @@ class EpisodicLearner(nn.Module):
         ``GradScaler``. It holds every task's graph until then; on the ``"loop"`` path
         ``meta_backward`` saves that memory by backpropagating after each task.
         """
-        return self._task_losses(check_tasks(tasks)).mean()
+        return self._task_losses(self._checked(tasks)).mean()
 
     def _task_losses(self, tasks: TaskBatch) -> Tensor:
         if self.batching == "vmap":
@@ -152,7 +172,7 @@ class EpisodicLearner(nn.Module):
         gradient as ``meta_loss(tasks).backward()``; on the ``"loop"`` path each task's graph is
         freed as soon as its share of the gradient is accumulated.
         """
-        tasks = check_tasks(tasks)
+        tasks = self._checked(tasks)
         if self.batching == "vmap":
             losses = self._task_losses(tasks)
             losses.mean().backward()
@@ -176,7 +196,7 @@ class EpisodicLearner(nn.Module):
         Returns per-task tensors: ``"loss"`` and one entry per extra metric ``fn(pred, target)``
         (metrics must be written with vmap-able torch ops, e.g. accuracy via ``argmax``).
         """
-        tasks = check_tasks(tasks)
+        tasks = self._checked(tasks)
         metrics = dict(metrics or {})
         if "loss" in metrics:
             raise ValueError("metric name 'loss' is reserved for the training loss")
@@ -184,11 +204,12 @@ class EpisodicLearner(nn.Module):
             with torch.no_grad():
                 return self._run(tasks, detach=True, metrics=metrics, chunk_size=chunk_size)
         state = self._state(detach=True)
-        rows = [
-            self._query(state, *tasks.task(i), metrics, batched=False)
-            for i in range(tasks.num_tasks)
-        ]
-        return {k: torch.stack([r[k].detach() for r in rows]) for k in rows[0]}
+        rows = []
+        for index in range(tasks.num_tasks):  # no graph outlives its task: memory flat in tasks
+            with torch.no_grad():
+                row = self._query(state, *tasks.task(index), metrics, batched=False)
+            rows.append({k: v.detach() for k, v in row.items()})
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:

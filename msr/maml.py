@@ -9,6 +9,7 @@ Both give the same meta-gradient.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -59,8 +60,8 @@ class MAML(EpisodicLearner):
     ) -> None:
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
-        if not inner_lr > 0:
-            raise ValueError(f"inner_lr must be positive, got {inner_lr!r}")
+        if not (isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0):
+            raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
         super().__init__(model, loss_fn, batching)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -76,6 +77,13 @@ class MAML(EpisodicLearner):
             fast = requested
         if not fast:
             raise ValueError("the model has no fast parameters for the inner loop to adapt")
+        keys: dict[str, str] = {}
+        for name in fast:  # ParameterDict keys cannot hold "."; two names must not share one
+            if (other := keys.setdefault(_lr_key(name), name)) != name:
+                raise ValueError(
+                    f"parameters {other!r} and {name!r} would share the inner learning rate "
+                    f"{_lr_key(name)!r}; rename one of them"
+                )
         self.fast_names: tuple[str, ...] = tuple(fast)
         first = model.get_parameter(fast[0])  # the inner lrs live beside the fast parameters
         self.inner_lrs = nn.ParameterDict(
@@ -90,7 +98,15 @@ class MAML(EpisodicLearner):
 
     # --- the pure per-task computation -------------------------------------------------------
     def _state(self, detach: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        lrs = {n: self.inner_lrs[_lr_key(n)] for n in self.fast_names}
+        """The model's tensors and the inner lrs of the fast parameters that adapt now: a fast
+        parameter the user has since frozen (``requires_grad=False``) stays as it is."""
+        live = [n for n in self.fast_names if self.model.get_parameter(n).requires_grad]
+        if not live:
+            raise ValueError(
+                f"every fast parameter {list(self.fast_names)} is frozen (requires_grad=False): "
+                "the inner loop has nothing to adapt"
+            )
+        lrs = {n: self.inner_lrs[_lr_key(n)] for n in live}
         if detach:
             lrs = {n: t.detach() for n, t in lrs.items()}
         return self._model_state(detach), lrs
@@ -103,25 +119,33 @@ class MAML(EpisodicLearner):
         y: Tensor,
         batched: bool,
     ) -> dict[str, Tensor]:
-        """SGD on the fast parameters; ``torch.func.grad`` inside vmap, plain autograd outside
-        (the same gradients, measured 2-3x cheaper per task for small models)."""
-        fast = {n: state[n] for n in self.fast_names}
+        """SGD on the fast parameters (those with an lr in ``lrs``); ``torch.func.grad`` inside
+        vmap, plain autograd outside (the same gradients, measured 2-3x cheaper per task for
+        small models). Outside vmap with gradients disabled (scoring), the inner loop keeps no
+        graph beyond each step."""
+        fast = {n: state[n] for n in lrs}
         rest = {n: t for n, t in state.items() if n not in fast}
 
         def support_loss(fast_params: dict[str, Tensor]) -> Tensor:
-            return self.loss_fn(functional_call(self.model, {**rest, **fast_params}, (x,)), y)
+            prediction = functional_call(self.model, {**rest, **fast_params}, (x,))
+            return self._loss(prediction, y, "support")
 
+        create_graph = not self.first_order and torch.is_grad_enabled()
         for _ in range(self.inner_steps):
             if batched:
                 grads = grad(support_loss)(fast)
                 if self.first_order:
                     grads = {n: g.detach() for n, g in grads.items()}
             else:
-                # A detached (scoring) state still needs gradients for the inner loop itself.
-                fast = {n: t if t.requires_grad else t.requires_grad_() for n, t in fast.items()}
+                # A detached (scoring) state still needs gradients for the inner loop itself:
+                # leaf copies, never the model's own parameters (their flags stay the user's).
+                fast = {
+                    n: t if t.requires_grad else t.detach().requires_grad_()
+                    for n, t in fast.items()
+                }
                 with torch.enable_grad():
                     values = torch.autograd.grad(
-                        support_loss(fast), list(fast.values()), create_graph=not self.first_order
+                        support_loss(fast), list(fast.values()), create_graph=create_graph
                     )
                 grads = dict(zip(fast, values, strict=True))
             fast = {n: fast[n] - lrs[n] * grads[n] for n in fast}

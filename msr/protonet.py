@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from msr.episodic import Batching, EpisodicLearner, LossFn
+from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
 from msr.validation import check_positive_int
 
 
@@ -26,6 +26,26 @@ class ProtoNet(EpisodicLearner):
 
     def _state(self, detach: bool) -> dict[str, Tensor]:
         return self._model_state(detach)
+
+    def _check(self, tasks: TaskBatch) -> None:
+        """Every task's support set must hold every class 0..ways-1: a class without support
+        examples has no prototype (its mean would be 0/0 = NaN in every logit). One host read
+        of the labels per meta-batch."""
+        labels = tasks.y_support
+        if labels.is_floating_point() or labels.dim() != 2:
+            raise ValueError(
+                f"ProtoNet needs integer class labels of shape (tasks, support), got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
+        if ((labels < 0) | (labels >= self.ways)).any():
+            raise ValueError(f"support labels must be 0..{self.ways - 1} (ways={self.ways})")
+        counts = F.one_hot(labels, self.ways).sum(1)  # (tasks, ways)
+        if (empty := (counts == 0).nonzero()).numel():
+            task, label = empty[0].tolist()
+            raise ValueError(
+                f"task {task}'s support set has no example of class {label} (of {self.ways}): "
+                "ProtoNet needs every class in every support set"
+            )
 
     def logits(
         self, state: dict[str, Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor

@@ -186,7 +186,7 @@ def test_fixed_inner_lr_and_custom_fast_set():
     "kwargs, message",
     [
         ({"inner_steps": -1}, "inner_steps must be a non-negative integer, got -1"),
-        ({"inner_lr": 0.0}, "inner_lr must be positive, got 0.0"),
+        ({"inner_lr": 0.0}, "inner_lr must be a positive finite number, got 0.0"),
         ({"batching": "pmap"}, "batching must be 'vmap' or 'loop', got 'pmap'"),
         ({"fast_parameters": ["0.U"]}, r"fast_parameters \['0.U'\] are not adaptable"),
     ],

@@ -221,10 +221,11 @@ def sample_episodes(
             ]
         )
     ]  # (T, ways)
-    keys = torch.rand(num_tasks, ways, per_class, generator=generator, device=device)
-    positions = torch.arange(per_class, device=device)
-    keys = keys.masked_fill(positions >= classes.sizes[chosen].unsqueeze(-1), 2.0)  # never drawn
-    picks = keys.argsort(-1)[..., :needed]  # (T, ways, shots + queries), distinct per class
+    sizes = classes.sizes[chosen]
+    if per_class <= DENSE_DRAW_LIMIT * needed:
+        picks = _dense_picks(sizes, per_class, needed, generator)
+    else:
+        picks = _sparse_picks(sizes, needed, generator)  # (T, ways, shots + queries)
     images = classes.flat[classes.starts[chosen].unsqueeze(-1) + picks]  # (T, ways, S+Q, C, H, W)
     labels = torch.arange(ways, device=device).view(1, ways, 1)
 
@@ -238,3 +239,38 @@ def sample_episodes(
     if augment_query is not None:
         x_query = augment_query(x_query.flatten(0, 1), generator).view_as(x_query)
     return TaskBatch(x_support, y_support, x_query, y_query)
+
+
+# A draw ranks random keys over every image slot when the largest class holds at most this many
+# times the images an episode needs per class (Omniglot: 20 vs 6 or 16); otherwise it picks the
+# images directly, at O(needed^2) per class whatever the class sizes. Both are uniform; the
+# first keeps the episodes the earlier releases drew (and the Table 3 figures measured on them).
+DENSE_DRAW_LIMIT = 4
+
+
+def _dense_picks(sizes: Tensor, per_class: int, needed: int, generator: torch.Generator) -> Tensor:
+    """``needed`` distinct positions below each ``sizes`` entry, in random order: the first
+    ``needed`` of a random ranking of all ``per_class`` slots (the slots past a class's size
+    ranked last)."""
+    keys = torch.rand(*sizes.shape, per_class, generator=generator, device=sizes.device)
+    positions = torch.arange(per_class, device=sizes.device)
+    keys = keys.masked_fill(positions >= sizes.unsqueeze(-1), 2.0)  # never drawn
+    return keys.argsort(-1)[..., :needed]
+
+
+def _sparse_picks(sizes: Tensor, needed: int, generator: torch.Generator) -> Tensor:
+    """The same distribution as ``_dense_picks`` at O(needed^2) per class: Floyd's algorithm
+    draws a uniform ``needed``-subset of 0..size-1 (for j = size-needed .. size-1, take a
+    uniform t in 0..j, or j itself if t is taken already), then a random order shuffles it."""
+    device = sizes.device
+    picks = torch.empty(*sizes.shape, needed, dtype=torch.long, device=device)
+    uniform = torch.rand(
+        *sizes.shape, needed, generator=generator, device=device, dtype=torch.float64
+    )
+    for i in range(needed):
+        top = sizes - needed + i  # j: t is drawn from 0..j
+        t = (uniform[..., i] * (top + 1)).floor().long().minimum(top)
+        taken = (picks[..., :i] == t.unsqueeze(-1)).any(-1)
+        picks[..., i] = torch.where(taken, top, t)
+    order = torch.rand(*sizes.shape, needed, generator=generator, device=device).argsort(-1)
+    return picks.gather(-1, order)
