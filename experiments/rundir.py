@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -87,53 +88,84 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
 
 
 def _take_lock(path: Path) -> Path:
-    """Create ``path`` exclusively, naming this process; take over a dead process's lock."""
-    holder = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(2):
+    """Hold ``path`` with an exclusive ``flock`` for this process's life and write our name in it.
+
+    The kernel arbitrates: of any number of simultaneous starts exactly one gets the lock, and a
+    lock whose holder has ended (killed, or a full disk that left the file empty) is not held,
+    so it is taken over (with a note naming the earlier holder, or saying the file was empty)."""
+    while True:
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            descriptor, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
-            pid, host = _lock_holder(path)
-            if pid is not None and host == socket.gethostname() and not _alive(pid):
-                print(
-                    f"removing the stale lock {path} of process {pid}, which ended", file=sys.stderr
-                )
-                path.unlink(missing_ok=True)
-                continue
-            raise RunError(
-                f"{path.parent} is in use by process {pid} on {host} (lock file {path}); wait "
-                "for it to end or choose another --out"
-            ) from None
+            try:
+                descriptor, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # released in between: try again
+            except OSError as error:
+                raise RunError(f"cannot open the lock file {path}: {error.strerror}") from None
         except OSError as error:
             raise RunError(f"cannot write in --out {path.parent}: {error.strerror}") from None
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(holder)
-        atexit.register(_release_lock, path)
-        return path
-    raise RunError(f"could not take the lock {path}")
-
-
-def _lock_holder(path: Path) -> tuple[int | None, str | None]:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(descriptor)
+            os.close(descriptor)
+            named = f"process {holder}" if holder else "another process"
+            raise RunError(
+                f"{path.parent} is in use by {named} (lock file {path}); wait for it to end or "
+                "choose another --out"
+            ) from None
+        if _same_file(descriptor, path):
+            break
+        os.close(descriptor)  # released and removed between our open and flock: try again
+    if not created:
+        earlier = _holder_text(descriptor)
+        print(
+            f"taking over the stale lock {path} of process {earlier}, which ended"
+            if earlier
+            else f"taking over the lock {path}, empty or unreadable: its run ended before it "
+            "could name itself (e.g. on a full disk)",
+            file=sys.stderr,
+        )
     try:
-        pid, host = path.read_text().split()
-        return int(pid), host
-    except (OSError, ValueError):
-        return None, None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.fsync(descriptor)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+        raise RunError(f"cannot write the lock file {path}: {write_error_reason(error)}") from None
+    _held[path] = descriptor
+    atexit.register(_release_lock, path)
+    return path
 
 
-def _alive(pid: int) -> bool:
+_held: dict[Path, int] = {}  # lock file -> its open, flock-ed descriptor
+
+
+def _holder_text(descriptor: int) -> str:
+    """What a lock file says of its holder ("PID on HOST"); "" if empty or unreadable."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        text = os.pread(descriptor, 256, 0).decode()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text.strip() if text.strip().isprintable() else ""
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(descriptor), os.stat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _release_lock(path: Path) -> None:
-    if _lock_holder(path)[0] == os.getpid():
+    """Remove the lock file, then drop the lock (a waiting start re-checks the file it holds)."""
+    descriptor = _held.pop(path, None)
+    if descriptor is not None:
         path.unlink(missing_ok=True)
+        os.close(descriptor)
 
 
 def run_cli(main: Callable[[], Any], prog: str) -> None:

@@ -96,22 +96,6 @@ def test_out_naming_a_file_is_one_line(tmp_path):
     assert file.read_text() == "mine"
 
 
-def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    host = os.uname().nodename
-    (out / LOCK_NAME).write_text(f"{os.getpid()} {host}\n")  # this test process: alive
-    line = _one_line_error(_synthetic(out))
-    assert f"in use by process {os.getpid()} on {host}" in line
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    (out / LOCK_NAME).write_text(f"{ended.pid} {host}\n")
-    done = _synthetic(out)
-    assert done.returncode == 0, done.stderr
-    assert f"removing the stale lock {out / LOCK_NAME} of process {ended.pid}" in done.stderr
-    assert not (out / LOCK_NAME).exists()  # released at the end
-
-
 @pytest.mark.parametrize(
     "content, message",
     [
