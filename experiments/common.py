@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -160,10 +161,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def save_model(
     path: Path, learner: torch.nn.Module, driver: str, seed: int, tags: dict[str, Any], config: Any
 ) -> None:
-    """Write what a run learned (atomically): the learner's state dict on the CPU (the model's
-    parameters and buffers, and MAML's inner lrs), with what rebuilds it: the driver, seed, job
-    tags and config. Plain tensors and Python values only: ``load_model`` reads it with
-    ``weights_only=True``."""
+    """Write what a run learned (atomically, checksummed): the learner's state dict on the CPU
+    (the model's parameters and buffers, and MAML's inner lrs), with what rebuilds it: the
+    driver, seed, job tags and config. Plain tensors and Python values only: ``load_model``
+    reads it with ``weights_only=True``, and so can ``torch.load``."""
     payload = {
         "driver": driver,
         "seed": seed,
@@ -171,18 +172,92 @@ def save_model(
         "config": asdict(config),
         "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},
     }
-    atomic_write(path, lambda stream: torch.save(payload, stream))
+    save_checked(path, payload)
 
 
 def load_model(path: Path) -> dict[str, Any]:
-    """A file written by ``save_model`` (no code runs while it loads)."""
-    saved = load_torch_file(path)
-    missing = {"driver", "seed", "tags", "config", "state_dict"} - set(
-        saved if isinstance(saved, dict) else ()
-    )
+    """A file written by ``save_model``, its checksum verified (no code runs while it loads)."""
+    saved = load_checked(path)
+    missing = {"driver", "seed", "tags", "config", "state_dict"} - set(saved)
     if missing:
         raise RunError(f"{path} is not a model file of this project (missing {sorted(missing)})")
     return saved
+
+
+CHECKSUM_KEY = "sha256"  # beside a checkpoint's or model file's own fields
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of a file's contents as loaded: every key, value, tensor dtype, shape and byte,
+    in order. It names what was saved, not how torch laid it out on disk, so it is the same
+    after loading onto another device."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__}{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    elif value is None or isinstance(value, str | int | float | bool):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    else:
+        raise TypeError(f"cannot checksum a {type(value).__name__} (plain values and tensors only)")
+
+
+def save_checked(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` a dict atomically, with the ``content_digest`` of its fields stored beside
+    them, so that ``load_checked`` notices any change (a flipped bit, a truncation)."""
+    if CHECKSUM_KEY in payload:
+        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
+    checked = {**payload, CHECKSUM_KEY: content_digest(payload)}
+    atomic_write(path, lambda stream: torch.save(checked, stream))
+
+
+def load_checked(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A dict written by ``save_checked``: loaded safely (``load_torch_file``), its checksum
+    verified; a mismatch, or a file without one, is a ``RunError`` naming the file."""
+    saved = load_torch_file(path, map_location)
+    if not isinstance(saved, dict) or not isinstance(saved.get(CHECKSUM_KEY), str):
+        raise RunError(
+            f"{path} holds no checksum: not a checkpoint or model file of this project, or one "
+            "written before they were checksummed, so it cannot be verified"
+        )
+    stored = saved.pop(CHECKSUM_KEY)
+    if content_digest(saved) != stored:
+        raise RunError(
+            f"{path} is corrupt: its contents do not match the SHA-256 checksum stored in it "
+            "(a changed or damaged file); it was not used"
+        )
+    return saved
+
+
+def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The fields in which a saved run (``theirs``, as loaded) differs from this one (``ours``),
+    named by their path (e.g. ``config.steps``), with (theirs, ours); compared as JSON stores
+    them (tuples are lists)."""
+    theirs, ours = json.loads(json.dumps(theirs)), json.loads(json.dumps(ours))
+    if not (isinstance(theirs, dict) and isinstance(ours, dict)):
+        return {} if theirs == ours else {prefix or "value": (theirs, ours)}
+    found: dict[str, tuple[Any, Any]] = {}
+    for key in {**theirs, **ours}:
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in theirs or key not in ours:
+            found[name] = (theirs.get(key), ours.get(key))
+        else:
+            found.update(differences(theirs[key], ours[key], name))
+    return found
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

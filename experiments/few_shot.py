@@ -18,7 +18,6 @@ and augmented there.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,18 +35,26 @@ from experiments.common import (
     REPO_ROOT,
     TENSORBOARD_HELP,
     MetricsLog,
-    atomic_write,
+    differences,
     keep_freed_memory,
     keep_lines,
     launched_by_torchrun,
-    load_torch_file,
+    load_checked,
     mean_ci95,
     provenance,
     resolve_device,
+    save_checked,
     save_model,
     write_json_atomic,
 )
-from experiments.rundir import RunError, check_stop, claim_output, requested_stop, run_cli
+from experiments.rundir import (
+    RunError,
+    Stopped,
+    check_stop,
+    claim_output,
+    requested_stop,
+    run_cli,
+)
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
 from msr.data import (
     ImageClasses,
@@ -61,7 +68,7 @@ from msr.models import conv4
 from msr.streams import keyed_generator
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
-CHECKPOINT_FIELDS = {"run", "step", "learner", "optimizer", "elapsed_s"}
+CHECKPOINT_FIELDS = {"run", "config", "step", "learner", "optimizer", "elapsed_s", "unvalidated"}
 DATASETS = ("omniglot", "miniimagenet")
 DEFAULT_DATA = {
     "omniglot": REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
@@ -196,6 +203,12 @@ def load_splits(
             check_episodes(classes, args.ways, args.shots, cfg.queries)
         except (OSError, ValueError) as error:
             raise RunError(f"{split} split of {data}: {error}") from None
+        if classes.image_shape[1:] != (cfg.image_size, cfg.image_size):
+            size = "x".join(map(str, classes.image_shape[1:]))
+            raise RunError(
+                f"{split} split of {data}: {size} images, but the preset {args.preset} needs "
+                f"{cfg.image_size}x{cfg.image_size}"
+            )
         splits.append(classes.to(device))
     return splits
 
@@ -281,12 +294,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = args.data or DEFAULT_DATA.get(args.dataset)
     if data is None:
         parser.error(f"--data is required for {args.dataset} (the standard layout's root)")
+    splits = load_splits(args, cfg, data, device)  # before --out is touched: nothing is lost
     with claim_output(args.out, args.resume, args.overwrite):
-        return _train(args, cfg, device, data)
+        return _train(args, cfg, device, splits)
 
 
 def _train(
-    args: argparse.Namespace, cfg: FewShotConfig, device: torch.device, data: Path
+    args: argparse.Namespace,
+    cfg: FewShotConfig,
+    device: torch.device,
+    splits: Sequence[ImageClasses],
 ) -> dict[str, Any]:
     """Meta-train, checkpoint, test and write the results of one few-shot run."""
     checkpoint = args.out / "checkpoint.pt"
@@ -294,24 +311,36 @@ def _train(
         raise RunError(f"--resume given but {checkpoint} does not exist")
     run_provenance = provenance(args.seed, args.preset)  # the code as it starts, not as it ends
 
-    train_classes, val_classes, test_classes = load_splits(args, cfg, data, device)
+    train_classes, val_classes, test_classes = splits
     channels = train_classes.image_shape[0]
     torch.manual_seed(args.seed)
     learner = build_learner(args.method, channels, args.ways, cfg).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
     first_step, elapsed = 1, 0.0
     run_identity = {
-        k: str(getattr(args, k)) for k in ("dataset", "method", "ways", "shots", "seed")
+        k: str(getattr(args, k)) for k in ("dataset", "method", "ways", "shots", "seed", "preset")
     }
     if args.resume:
-        state = load_torch_file(checkpoint, map_location=device)
-        missing = CHECKPOINT_FIELDS - set(state if isinstance(state, dict) else ())
+        state = load_checked(checkpoint, map_location=device)
+        missing = CHECKPOINT_FIELDS - set(state)
         if missing:
             raise RunError(
                 f"{checkpoint} is not a checkpoint of this driver (no {sorted(missing)})"
             )
-        if state["run"] != run_identity:
-            raise RunError(f"{checkpoint} belongs to the run {state['run']}, not {run_identity}")
+        # The same run, but --steps may grow (to continue a finished run for longer) down to
+        # the step the checkpoint reached: a shorter run would be labelled with fewer steps
+        # than its model was trained for.
+        saved_config = {**state["config"], "steps": cfg.steps}
+        theirs, ours = {"run": state["run"], "config": saved_config}, {"run": run_identity}
+        if different := differences(theirs, {**ours, "config": asdict(cfg)}):
+            raise RunError(
+                f"{checkpoint} belongs to another run; differing (theirs, ours): {different}"
+            )
+        if cfg.steps < state["step"]:
+            raise RunError(
+                f"{checkpoint} has trained {state['step']} steps, more than --steps {cfg.steps}: "
+                "resume with at least as many (or start a new run)"
+            )
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         first_step, elapsed = state["step"] + 1, state["elapsed_s"]
@@ -339,16 +368,32 @@ def _train(
             classes, n, args.ways, args.shots, cfg.queries, generator, augment_images
         )
 
-    def save_checkpoint(step: int) -> None:
+    def save_checkpoint(step: int, unvalidated: float | None = None) -> None:
+        """``unvalidated``: the train loss of ``step``, whose validation a stop cut off (a
+        resumed run validates it first)."""
         payload = {
             "run": run_identity,
+            "config": asdict(cfg),
             "step": step,
             "learner": learner.state_dict(),
             "optimizer": optimizer.state_dict(),
             "elapsed_s": time.perf_counter() - start,
-            "config": asdict(cfg),
+            "unvalidated": unvalidated,
         }
-        atomic_write(checkpoint, functools.partial(torch.save, payload))
+        save_checked(checkpoint, payload)
+
+    def validate(step: int, train_loss: float) -> None:
+        try:
+            acc = evaluate(learner, episodes(val_classes, args.seed), replace(cfg, test_tasks=100))
+        except Stopped:  # step is trained: keep it, and owe its validation
+            save_checkpoint(step, unvalidated=train_loss)
+            raise
+        log.write(
+            step=step,
+            train_loss=train_loss,
+            val_accuracy=acc.mean().item(),
+            elapsed_s=time.perf_counter() - start,
+        )
 
     start = time.perf_counter() - elapsed
     if not args.resume:
@@ -359,6 +404,9 @@ def _train(
         ) as log,
         tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{args.method}", unit="step") as bar,
     ):
+        if args.resume and state["unvalidated"] is not None:
+            validate(state["step"], state["unvalidated"])
+            save_checkpoint(state["step"])
         for step in range(first_step, cfg.steps + 1):
             if requested_stop():  # keep every finished step: --resume continues from here
                 save_checkpoint(step - 1)
@@ -373,14 +421,7 @@ def _train(
             optimizer.step()
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                probe = replace(cfg, test_tasks=100)
-                acc = evaluate(learner, episodes(val_classes, args.seed), probe)
-                log.write(
-                    step=step,
-                    train_loss=loss.item(),
-                    val_accuracy=acc.mean().item(),
-                    elapsed_s=time.perf_counter() - start,
-                )
+                validate(step, loss.item())
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(step)
     train_wall = time.perf_counter() - start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ from experiments.common import (
     OVERWRITE_HELP,
     TENSORBOARD_HELP,
     MetricsLog,
+    differences,
     keep_freed_memory,
     keep_lines,
     launched_by_torchrun,
@@ -386,12 +386,8 @@ def resume_from(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any] | 
     previous = read_json(path)
     if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
         raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
-    # through JSON, as stored: tuples in the config become lists
-    expected = json.loads(
-        json.dumps({**provenance(args.seeds, args.preset), "config": asdict(cfg)})
-    )
-    different = {k: (previous.get(k), v) for k, v in expected.items() if previous.get(k) != v}
-    if different:
+    expected = {**provenance(args.seeds, args.preset), "config": asdict(cfg)}
+    if different := differences({k: previous.get(k) for k in expected}, expected):
         raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
     return previous
 

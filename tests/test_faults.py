@@ -172,7 +172,7 @@ def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(tmp_pat
     expected = {
         "code": "cannot be loaded safely: Trying to load unsupported GLOBAL posix.system",
         "garbage": "cannot be loaded safely: ",
-        "foreign": "is not a checkpoint of this driver",
+        "foreign": "holds no checksum",
     }[kind]
     assert expected in line and "weights_only` set to `False" not in line
     assert not marker.exists()  # nothing ran

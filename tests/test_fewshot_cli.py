@@ -33,7 +33,8 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     refused = _run("--method", "msr", "--preset", "tiny", "--out", parts, check=False)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
     other = _run("--method", "maml", "--preset", "tiny", "--resume", "--out", parts, check=False)
-    assert other.returncode == 2 and "belongs to the run" in other.stderr
+    assert other.returncode == 2 and "belongs to another run" in other.stderr
+    assert "{'run.method': ('msr', 'maml')}" in other.stderr
     _run("--method", "msr", "--preset", "tiny", "--resume", "--out", parts)
     a = json.loads((whole / "results.json").read_text())
     b = json.loads((parts / "results.json").read_text())
