@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import json
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import scipy.stats
 import torch
@@ -25,6 +26,10 @@ from experiments.rundir import (
     describe_write_error,
     write_error_reason,
 )
+from msr import viz
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +47,34 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 OVERWRITE_HELP = "replace the earlier run's files in DIR (without it, a non-empty DIR is refused)"
 TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"
+
+
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and the streams take
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (outer steps, ways, shots, workers)."""
+    return _parsed(text, int, lambda value: value >= 1, "a positive integer")
+
+
+def positive_finite_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate); refuses inf and nan."""
+    return _parsed(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, 0 <= seed < 2**63."""
+    return _parsed(text, int, lambda value: 0 <= value < SEED_LIMIT, "a seed in 0 .. 2**63 - 1")
+
+
+def _parsed(text: str, kind: Callable[[str], Any], valid: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
 
 
 def launched_by_torchrun() -> bool:
@@ -260,9 +293,46 @@ def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any
     return found
 
 
+def save_figure(figure: Figure, path: Path) -> Path:
+    """``msr.viz.save`` (atomic); a failed write is a ``WriteFailedError``: one line, and the
+    previous file intact."""
+    try:
+        return viz.save(figure, path)
+    except OSError as error:
+        raise describe_write_error(path, error) from error
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """``atomic_write`` of indented JSON."""
     atomic_write(path, lambda stream: stream.write((json.dumps(payload, indent=2) + "\n").encode()))
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """A results.json (atomically), with the ``content_digest`` of its fields, as stored, under
+    ``CHECKSUM_KEY``: a resumed run builds on the runs in it, so ``read_results`` refuses a file
+    that was edited or damaged since."""
+    stored = json.loads(json.dumps(results))  # as JSON gives it back: tuples are lists
+    stored.pop(CHECKSUM_KEY, None)
+    write_json_atomic(path, {**stored, CHECKSUM_KEY: content_digest(stored)})
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json written by ``write_results``, its checksum verified (without it); a
+    missing, unreadable, foreign or changed file is a ``RunError`` naming it."""
+    results = read_json(path)
+    if not isinstance(results, dict) or not isinstance(results.get(CHECKSUM_KEY), str):
+        raise RunError(
+            f"{path} is not a results file of these drivers (no {CHECKSUM_KEY} checksum: a "
+            "foreign file, or one written before results were checksummed)"
+        )
+    if content_digest({k: v for k, v in results.items() if k != CHECKSUM_KEY}) != results.pop(
+        CHECKSUM_KEY
+    ):
+        raise RunError(
+            f"{path} was changed after its run wrote it (its contents do not match the SHA-256 "
+            "checksum stored in it); it was not used"
+        )
+    return results
 
 
 def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
@@ -284,7 +354,8 @@ def read_json(path: Path) -> Any:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a JSON-lines file, each checked to parse; a corrupt one is a ``RunError``.
+    """The lines of a metrics log, each checked to be a JSON record with an integer ``step``;
+    a corrupt one is a ``RunError``.
     A torn last line (no newline: a stop or a full disk in the middle of an append) is dropped
     with a message: the record it was belongs to work that a resumed run redoes."""
     try:
@@ -304,6 +375,9 @@ def read_lines(path: Path) -> list[str]:
             raise RunError(f"{path}, line {number}: not a JSON record ({error})") from None
         if not isinstance(record, dict):
             raise RunError(f"{path}, line {number}: not a JSON object")
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunError(f"{path}, line {number}: not a metrics record (no integer step)")
     return lines
 
 
@@ -335,7 +409,6 @@ class MetricsLog:
     def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._stream = path.open("ab", buffering=0)  # nothing left in a buffer if a write fails
         self._board = None
         if tensorboard is not None:
             try:
@@ -344,7 +417,16 @@ class MetricsLog:
                 raise ImportError(
                     "--tensorboard needs the tensorboard package: pip install 'msr[experiments]'"
                 ) from error
-            self._board = SummaryWriter(str(tensorboard))
+            if tensorboard.is_symlink() and not tensorboard.exists():
+                raise RunError(
+                    f"--tensorboard: {tensorboard} is a link to {os.readlink(tensorboard)}, "
+                    "which does not exist"
+                )
+            try:
+                self._board = SummaryWriter(str(tensorboard))
+            except OSError as error:
+                raise RunError(f"--tensorboard: cannot write in {tensorboard}: {error}") from None
+        self._stream = path.open("ab", buffering=0)  # nothing left in a buffer if a write fails
 
     def write(self, **record: Any) -> None:
         """Append ``record`` as one line; a failed write (e.g. a full disk) is a

@@ -41,11 +41,13 @@ from experiments.common import (
     launched_by_torchrun,
     load_checked,
     mean_ci95,
+    positive_int,
     provenance,
     resolve_device,
     save_checked,
     save_model,
-    write_json_atomic,
+    seed_value,
+    write_results,
 )
 from experiments.rundir import (
     RunError,
@@ -265,11 +267,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", choices=DATASETS, default="omniglot")
     parser.add_argument("--data", type=Path, help="data path (default: the shared Omniglot .npz)")
     parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
     parser.add_argument("--preset", choices=("cpu", "paper", "tiny"), default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="override the preset's outer steps")
+    parser.add_argument("--seed", type=seed_value, default=0)
+    parser.add_argument("--steps", type=positive_int, help="override the preset's outer steps")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     parser.add_argument("--out", type=Path, required=True)
@@ -281,12 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     keep_freed_memory()
     cfg = PRESETS[args.dataset][args.preset]
     if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps must be positive, got {args.steps}")
         cfg = replace(cfg, steps=args.steps)
-    for name in ("ways", "shots"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     try:
         device = resolve_device(args.device)
     except ValueError as error:
@@ -446,7 +443,7 @@ def _train(
         "train_wall_s": train_wall,
         "device": str(device),
     }
-    write_json_atomic(args.out / "results.json", results)
+    write_results(args.out / "results.json", results)
     tags = {"method": args.method, "dataset": args.dataset, "ways": args.ways, "shots": args.shots}
     model_file = args.out / f"model_{args.method}_{args.ways}w{args.shots}s.pt"
     save_model(model_file, learner, "few_shot", args.seed, tags, cfg)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import rotation, synthetic
-from experiments.common import load_model, read_json
+from experiments.common import load_model, read_results
 from experiments.rundir import RunError, run_cli
 
 DRIVERS = {"synthetic": synthetic.redraw, "rotation": rotation.redraw}
@@ -26,7 +26,7 @@ def redraw_run(out: Path) -> list[Path]:
     results = out / "results.json"
     if not results.is_file():
         raise RunError(f"{results} not found: is {out} a finished run?")
-    runs = read_json(results).get("runs", [])
+    runs = read_results(results).get("runs", [])
     models = sorted(out.glob("model_*.pt"))
     if not models:
         raise RunError(f"{out} holds no model_*.pt files to redraw from")

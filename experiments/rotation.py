@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from experiments.common import MetricsLog, keep_freed_memory, save_model
+from experiments.common import MetricsLog, keep_freed_memory, save_figure, save_model
 from experiments.rundir import claim_output, run_cli
 from experiments.training import (
     TrainConfig,
@@ -290,7 +290,7 @@ def draw_figure(
         f"(meta-test MSE {entry['mse']:.4f})",
         channels=data.group.order,
     )
-    return viz.save(figure, out / f"U_{name}.png")
+    return save_figure(figure, out / f"U_{name}.png")
 
 
 def _name(entry: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import fnmatch
 import os
 import shutil
 import signal
@@ -71,7 +72,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         raise RunError(f"cannot create --out {out}: {error.strerror}") from None
     lock = _take_lock(out / LOCK_NAME)
     try:
-        earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
+        earlier = _run_outputs(out)
         if earlier and not (resume or overwrite):
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise RunError(
@@ -81,10 +82,22 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         if overwrite:
             for name in earlier:
                 path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:  # a file, or a link (to nowhere, or to a folder that is not ours)
+                    path.unlink()
         yield out
     finally:
         _release_lock(lock)
+
+
+def _run_outputs(out: Path) -> list[str]:
+    """The names in ``out`` that a run writes (``RUN_OUTPUTS``), links to nowhere included."""
+    try:
+        names = os.listdir(out)
+    except OSError as error:
+        raise RunError(f"cannot read --out {out}: {error.strerror}") from None
+    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in RUN_OUTPUTS))
 
 
 def _take_lock(path: Path) -> Path:

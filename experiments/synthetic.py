@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.common import MetricsLog, keep_freed_memory, save_model, write_json_atomic
+from experiments.common import (
+    MetricsLog,
+    keep_freed_memory,
+    save_figure,
+    save_model,
+    write_results,
+)
 from experiments.rundir import claim_output, run_cli
 from experiments.training import (
     TrainConfig,
@@ -157,7 +163,7 @@ def draw_figure(
         true_weight=data.weights(test_coefficients[0]),
         title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
     )
-    return viz.save(figure, out / f"U_{_name(entry)}.png")
+    return save_figure(figure, out / f"U_{_name(entry)}.png")
 
 
 def _name(entry: dict[str, Any]) -> str:
@@ -260,7 +266,7 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, device: torch.device) -> di
     ]
     results = run_jobs(jobs, cfg, args, resume_from(args, cfg))
     results["oracle_floor"] = oracle_floor(results["runs"])
-    write_json_atomic(args.out / "results.json", results)
+    write_results(args.out / "results.json", results)
     print(summary_header(cfg, args, results))
     if len(args.seeds) > 1:
         print(seed_table(results["aggregate"]))

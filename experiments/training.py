@@ -29,10 +29,13 @@ from experiments.common import (
     keep_lines,
     launched_by_torchrun,
     mean_ci95,
+    positive_finite_float,
+    positive_int,
     provenance,
-    read_json,
+    read_results,
     resolve_device,
-    write_json_atomic,
+    seed_value,
+    write_results,
 )
 from experiments.rundir import RunError, Stopped, check_stop, requested_stop
 from msr import MAML, TaskBatch
@@ -237,7 +240,7 @@ def run_jobs(
     else:
         results.update(runs=previous["runs"], wall_s=previous["wall_s"])
         keep_lines(metrics_path, lambda record: _finished(record, results["runs"], keys))
-    write_json_atomic(args.out / "results.json", results)  # a stop from here on can --resume
+    write_results(args.out / "results.json", results)  # a stop from here on can --resume
     steps_of = job_steps or (lambda tags: cfg.steps)
     order = {tuple(tags.values()): i for i, (tags, _) in enumerate(jobs)}
     prior_wall, start = results["wall_s"], time.perf_counter()
@@ -247,7 +250,7 @@ def run_jobs(
         results["runs"].sort(key=lambda run: order.get(tuple(run.get(k) for k in keys), len(order)))
         results["aggregate"] = aggregate_seeds(results["runs"], keys)
         results["wall_s"] = prior_wall + time.perf_counter() - start
-        write_json_atomic(args.out / "results.json", results)
+        write_results(args.out / "results.json", results)
 
     with tqdm(
         total=sum(steps_of(tags) for tags, _ in jobs),
@@ -271,7 +274,7 @@ def run_jobs(
                     record(job(log, bar.update))
     results["aggregate"] = aggregate_seeds(results["runs"], keys)
     results["wall_s"] = prior_wall + time.perf_counter() - start
-    write_json_atomic(args.out / "results.json", results)
+    write_results(args.out / "results.json", results)
     return results
 
 
@@ -383,8 +386,8 @@ def resume_from(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any] | 
     path = args.out / "results.json"
     if not path.exists():
         raise RunError(f"--resume given but {path} does not exist")
-    previous = read_json(path)
-    if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
+    previous = read_results(path)
+    if not isinstance(previous.get("runs"), list):
         raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
     expected = {**provenance(args.seeds, args.preset), "config": asdict(cfg)}
     if different := differences({k: previous.get(k) for k in expected}, expected):
@@ -427,23 +430,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, Tra
     """The options every synthetic driver takes."""
     parser.add_argument("--preset", choices=sorted(presets), default="quick")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seed", type=seed_value, default=0)
     seeds.add_argument(
         "--seeds",
-        type=int,
+        type=seed_value,
         nargs="+",
         help="run every job once per seed (each seed draws its own data and initialization); "
         "results.json gets the per-seed runs and an aggregate over seeds",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=int, help="override the preset's outer steps")
+    parser.add_argument("--steps", type=positive_int, help="override the preset's outer steps")
     parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset")
-    parser.add_argument("--inner-lr", type=float, help="override the initial inner lr")
+    parser.add_argument(
+        "--inner-lr", type=positive_finite_float, help="override the initial inner lr"
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=1,
         help="run the jobs in this many processes, one thread each (same results)",
     )
@@ -466,8 +471,6 @@ def resolve_config(
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
     torchrun = launched_by_torchrun()
-    if args.workers < 1:
-        parser.error(f"--workers must be positive, got {args.workers}")
     if args.workers > 1 and torchrun:
         parser.error("--workers > 1 cannot be combined with torchrun (one process per rank)")
     if torchrun and args.device.startswith("cuda:"):
@@ -477,13 +480,9 @@ def resolve_config(
     except ValueError as error:
         parser.error(str(error))
     if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps must be positive, got {args.steps}")
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
     if args.batching is not None:
         cfg = replace(cfg, batching=args.batching)
     if args.inner_lr is not None:
-        if not args.inner_lr > 0:
-            parser.error(f"--inner-lr must be positive, got {args.inner_lr}")
         cfg = replace(cfg, inner_lr=args.inner_lr)
     return cfg, setup_distributed(args, device)

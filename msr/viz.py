@@ -9,6 +9,8 @@ Every function returns a matplotlib ``Figure``; ``save`` writes one and closes i
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,12 +107,37 @@ def plot_conv_directions(
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``path`` (folders created) and close it."""
+    """Write ``fig`` to ``path`` (folders created; the format from its suffix) and close it.
+
+    Atomic: the figure goes to a temporary file beside ``path``, synced, then renamed over it,
+    so a reader never sees a half-written image and a failed write (e.g. a full disk) leaves any
+    earlier ``path`` as it was and no temporary file; the ``OSError`` is raised. The file's mode
+    follows the umask, like any file ``open`` creates."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                fig.savefig(stream, dpi=dpi, format=path.suffix[1:] or None)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    finally:
+        _pyplot().close(fig)
     return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _pyplot():  # the module, imported only when a figure is drawn

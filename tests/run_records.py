@@ -1,7 +1,11 @@
 """Helpers shared by the test modules that stop runs and compare their files across resumes."""
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from experiments.rundir import run_cli
 
 
 def logged_metrics(path: Path) -> list[dict]:
@@ -32,3 +36,19 @@ def alive(pid: int) -> bool:
     """Whether ``pid`` still runs (neither gone nor a zombie)."""
     found = _state_and_parent(Path(f"/proc/{pid}/stat"))
     return found is not None and found[0] != "Z"
+
+
+def driver_status(main: Callable[[Sequence[str]], Any], prog: str, argv: Sequence[str]) -> int:
+    """Run a driver's ``main(argv)`` in this process as its command does (``run_cli``: one line
+    and a status for an error, 130 / 143 for a stop); its exit status."""
+    try:
+        run_cli(lambda: main(list(argv)), prog)
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The error lines of a command's stderr; a traceback in it is an ``AssertionError``."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if "error:" in line]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_records import logged_metrics
+from run_records import driver_status, logged_metrics
 
-from experiments.common import REPO_ROOT, MetricsLog, atomic_write
+from experiments import synthetic
+from experiments.common import REPO_ROOT, MetricsLog, atomic_write, read_results, write_results
 from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
 
 
@@ -34,6 +35,21 @@ def _run(module, *arguments, umask=None):
 def _synthetic(out, *more, umask=None):
     arguments = ("--methods", "MSR-FC", "--k", "1", "--out", out, *more)
     return _run("experiments.synthetic", *arguments, umask=umask)
+
+
+@pytest.fixture
+def synthetic_here(monkeypatch, capsys):
+    """``_synthetic`` in this process (no interpreter and torch to start): a
+    ``CompletedProcess`` of its status and stderr. The driver's malloc tuning is left out, as
+    it would stay with the test process."""
+    monkeypatch.setattr(synthetic, "keep_freed_memory", lambda: False)
+
+    def run(out, *more):
+        argv = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1", "--out", str(out), *more]
+        status = driver_status(synthetic.main, "experiments.synthetic", argv)
+        return subprocess.CompletedProcess(argv, status, "", capsys.readouterr().err)
+
+    return run
 
 
 def _one_line_error(done, status=2):
@@ -109,29 +125,29 @@ def test_a_corrupt_results_file_on_resume_is_one_line(tmp_path, content, message
     assert str(tmp_path / "results.json") in line and message in line
 
 
-def test_a_corrupt_metrics_file_on_resume_is_one_line(tmp_path):
+def test_a_corrupt_metrics_file_on_resume_is_one_line(tmp_path, synthetic_here):
     out = tmp_path / "run"
-    assert _synthetic(out, "--steps", "3").returncode == 0
-    results = json.loads((out / "results.json").read_text())
+    assert synthetic_here(out, "--steps", "3").returncode == 0
+    results = read_results(out / "results.json")
     results["runs"] = []  # as if the job had not finished: resume reads the metrics log
-    (out / "results.json").write_text(json.dumps(results))
+    write_results(out / "results.json", results)
     with (out / "metrics.jsonl").open("a") as log:
         log.write("{truncated\n")
-    line = _one_line_error(_synthetic(out, "--steps", "3", "--resume"))
+    line = _one_line_error(synthetic_here(out, "--steps", "3", "--resume"))
     assert f"{out / 'metrics.jsonl'}, line 2: not a JSON record" in line
 
 
-def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, synthetic_here):
     """A stop or a full disk in the middle of an append leaves a line without its newline."""
     out = tmp_path / "run"
-    assert _synthetic(out, "--steps", "3").returncode == 0
+    assert synthetic_here(out, "--steps", "3").returncode == 0
     finished = logged_metrics(out / "metrics.jsonl")
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out / "results.json")
     results["runs"] = []  # as if the job had been cut off: it is redone
-    (out / "results.json").write_text(json.dumps(results))
+    write_results(out / "results.json", results)
     with (out / "metrics.jsonl").open("a") as log:
         log.write('{"method": "MSR-FC", "k": 1, "seed": 0, "step"')
-    resumed = _synthetic(out, "--steps", "3", "--resume")
+    resumed = synthetic_here(out, "--steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "dropping its torn last line" in resumed.stderr
     assert logged_metrics(out / "metrics.jsonl") == finished

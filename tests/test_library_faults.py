@@ -2,7 +2,9 @@
 graph held across tasks in evaluation, episode draws independent of the largest class, frozen
 parameters left frozen, and no NaN, shared learning rate or broadcast loss in place of an error."""
 
+import errno
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,29 @@ def test_targets_that_would_broadcast_against_the_predictions_are_refused(batchi
 def test_inner_lrs_that_are_not_positive_and_finite_are_refused(inner_lr):
     with pytest.raises(ValueError, match="inner_lr must be a positive finite number"):
         MAML(nn.Linear(2, 2), inner_lr=inner_lr)
+
+
+def test_a_figure_that_fails_to_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """``msr.viz.save`` writes beside the target and renames: a full disk halfway through the
+    image leaves the earlier file whole and no temporary file (before, a truncated PNG)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from msr import viz
+
+    path = tmp_path / "U.png"
+    first = viz.save(viz.plot_matrices([("U", torch.eye(3))], "one"), path)
+    previous = first.read_bytes()
+    assert previous.startswith(b"\x89PNG")
+    real_savefig = Figure.savefig
+
+    def disk_full(self, stream, **options):
+        real_savefig(self, stream, **options)
+        stream.truncate(len(previous) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        viz.save(viz.plot_matrices([("U", 2 * torch.eye(3))], "two"), path)
+    assert path.read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["U.png"]

@@ -14,7 +14,7 @@ import torch
 from run_records import alive, children, logged_metrics
 
 from experiments import few_shot
-from experiments.common import REPO_ROOT
+from experiments.common import REPO_ROOT, write_results
 from experiments.rundir import Stopped, check_stop, deferred_stops
 from msr import ProtoNet
 
@@ -51,10 +51,11 @@ def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
     )
 
 
-# SIGKILL ends the process at once; SIGTERM and SIGINT stop it between writes, with a message
+# SIGKILL ends the process at once; SIGINT (like SIGTERM) stops it between writes, with a
+# message. SIGTERM takes the same path and is sent to every driver, in training and in
+# validation, by test_fault_injection.py (in-process, so cheaper than a process per case).
 STOPS = [
     (signal.SIGKILL, -signal.SIGKILL),
-    (signal.SIGTERM, 128 + signal.SIGTERM),
     (signal.SIGINT, 128 + signal.SIGINT),
 ]
 
@@ -74,35 +75,39 @@ def _stop(process, signum, expected_status):
         assert f"stopped by {signum.name}" in err and "--resume" in err and "Traceback" not in err
 
 
+FEW_SHOT = [
+    *(sys.executable, "-m", "experiments.few_shot", "--method", "maml", "--preset", "tiny"),
+    *("--steps", "30", "--seed", "1"),
+]
+
+
+def _uninterrupted(tmp_path_factory, command) -> Path:
+    """Run ``command(out)`` to its end in a fresh ``out``; returns ``out``."""
+    out = tmp_path_factory.mktemp("whole")
+    done = subprocess.run(command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole_few_shot(tmp_path_factory) -> Path:
+    """The --out of an uninterrupted few-shot run, shared by the stop tests."""
+    return _uninterrupted(tmp_path_factory, lambda out: [*FEW_SHOT, "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def whole_synthetic(tmp_path_factory) -> Path:
+    """The --out of an uninterrupted two-job synthetic run, shared by the stop tests."""
+    return _uninterrupted(tmp_path_factory, _two_jobs)
+
+
 @pytest.mark.parametrize("signum, expected_status", STOPS, ids=lambda v: str(v))
 def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
-    tmp_path, signum, expected_status
+    tmp_path, signum, expected_status, whole_few_shot
 ):
-    base = [
-        sys.executable,
-        "-m",
-        "experiments.few_shot",
-        "--method",
-        "maml",
-        "--preset",
-        "tiny",
-        "--steps",
-        "30",
-        "--seed",
-        "1",
-    ]
-    whole = subprocess.run(
-        [*base, "--out", str(tmp_path / "whole")],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert whole.returncode == 0, whole.stderr
-
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [*base, "--out", str(killed)],
+        [*FEW_SHOT, "--out", str(killed)],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -117,19 +122,19 @@ def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
     assert 0 < stopped_at < 30
 
     resumed = subprocess.run(
-        [*base, "--resume", "--out", str(killed)],
+        [*FEW_SHOT, "--resume", "--out", str(killed)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    a = json.loads((whole_few_shot / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert (a["accuracy"], a["ci95"]) == (b["accuracy"], b["ci95"])
     # Lines logged after the last checkpoint are dropped on resume and redone identically.
     assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
-        tmp_path / "whole" / "metrics.jsonl"
+        whole_few_shot / "metrics.jsonl"
     )
 
 
@@ -160,13 +165,8 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
 
 @pytest.mark.parametrize("signum, expected_status", STOPS, ids=lambda v: str(v))
 def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
-    tmp_path, signum, expected_status
+    tmp_path, signum, expected_status, whole_synthetic
 ):
-    whole = subprocess.run(
-        _two_jobs(tmp_path / "whole"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert whole.returncode == 0, whole.stderr
-
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         _two_jobs(killed),
@@ -191,12 +191,12 @@ def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
         _two_jobs(killed, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    a = json.loads((whole_synthetic / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
     assert _without_wall(a["runs"]) == _without_wall(b["runs"])
     assert b["runs"][0]["wall_s"] == partial["runs"][0]["wall_s"]  # kept, not rerun
     assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
-        tmp_path / "whole" / "metrics.jsonl"
+        whole_synthetic / "metrics.jsonl"
     )
 
 
@@ -207,7 +207,7 @@ def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
     )
     assert missing.returncode == 2 and "results.json does not exist" in missing.stderr
     out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"seeds": [9], "preset": "tiny", "runs": []}))
+    write_results(out / "results.json", {"seeds": [9], "preset": "tiny", "runs": []})
     foreign = subprocess.run(
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )

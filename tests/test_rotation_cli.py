@@ -141,9 +141,15 @@ def test_exact_grid_scores_name_the_grid_group():
 
 def test_cli_rejects_bad_inner_lr_and_workers(tmp_path):
     done = _run("--inner-lr", "-1", "--out", str(tmp_path))
-    assert done.returncode == 2 and "--inner-lr must be positive, got -1.0" in done.stderr
+    assert (
+        done.returncode == 2
+        and "argument --inner-lr: must be a positive finite number, got -1" in done.stderr
+    )
     done = _run("--workers", "0", "--out", str(tmp_path))
-    assert done.returncode == 2 and "--workers must be positive, got 0" in done.stderr
+    assert (
+        done.returncode == 2
+        and "argument --workers: must be a positive integer, got 0" in done.stderr
+    )
 
 
 def test_redraw_refuses_a_directory_without_a_finished_run(tmp_path):

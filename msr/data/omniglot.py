@@ -99,6 +99,7 @@ def _npz_characters(path: Path, image_size: int) -> dict[str, tuple[str, Tensor]
         arrays = {key: data[key] for key in NPZ_KEYS}
     except (OSError, zipfile.BadZipFile) as error:
         raise ValueError(f"cannot read {path}: {error}") from error
+    _check_npz(path, arrays)
     images = 1.0 - torch.from_numpy(arrays["images"]).float().unsqueeze(2) / 255.0
     names = arrays["alphabet_names"]
     return {
@@ -112,6 +113,36 @@ def _npz_characters(path: Path, image_size: int) -> dict[str, tuple[str, Tensor]
             )
         )
     }
+
+
+def _check_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse an .npz whose arrays do not fit together (a ``ValueError`` naming the array):
+    images (characters, drawings, 28, 28) and one in-range index per character."""
+    images = arrays["images"]
+    if images.ndim != 4 or images.shape[2:] != (28, 28) or 0 in images.shape:
+        raise ValueError(
+            f"{path}: images has shape {images.shape}, not (characters, drawings, 28, 28)"
+        )
+    bounds = {  # the values each per-character index may take, [low, high)
+        "alphabet_index": (0, len(arrays["alphabet_names"])),
+        "character_in_alphabet": (1, None),
+        "split": (0, 2),
+    }
+    for key, (low, high) in bounds.items():
+        index = arrays[key]
+        if index.shape != images.shape[:1] or not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(
+                f"{path}: {key} must hold one integer per character ({images.shape[0]}), "
+                f"got shape {index.shape} of {index.dtype}"
+            )
+        if index.min() < low or (high is not None and index.max() >= high):
+            allowed = f"{low} .. {high - 1}" if high is not None else f"{low} or more"
+            raise ValueError(f"{path}: {key} holds values outside {allowed}")
+    rows = zip(
+        arrays["alphabet_index"].tolist(), arrays["character_in_alphabet"].tolist(), strict=True
+    )
+    if len(set(rows)) != images.shape[0]:
+        raise ValueError(f"{path}: two rows name the same alphabet and character")
 
 
 def _folder_characters(root: Path, image_size: int) -> dict[str, tuple[str, Tensor]]:

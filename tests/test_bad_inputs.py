@@ -1,0 +1,205 @@
+"""Bad input gives one line and a non-zero status, never a traceback: numbers out of range on
+the command line, edited or truncated run files, a TensorBoard link to nowhere, Omniglot arrays
+that do not fit together or have the wrong size, and a decompression bomb in an image folder."""
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from run_records import driver_status, error_lines
+
+from experiments import few_shot, redraw, synthetic
+from experiments.common import REPO_ROOT, seed_value
+from msr.data import load_omniglot
+from msr.data.episodes import ImageClasses
+
+NPZ = REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
+DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": redraw.main}
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    """The drivers' malloc tuning would stay with the test process: leave malloc alone."""
+    for module in (synthetic, few_shot):
+        monkeypatch.setattr(module, "keep_freed_memory", lambda: False)
+
+
+def _one_line(capsys, name, *argv, status=2):
+    """Run driver ``name``; it must fail with ``status`` and one error line, returned."""
+    assert driver_status(DRIVERS[name], f"experiments.{name}", argv) == status
+    [line] = error_lines(capsys.readouterr().err)
+    return line
+
+
+def _ok(capsys, name, *argv):
+    assert driver_status(DRIVERS[name], f"experiments.{name}", argv) == 0
+    capsys.readouterr()
+
+
+SYNTHETIC = ("--preset", "tiny", "--methods", "MAML-FC", "--k", "1", "--steps", "2")
+FEW_SHOT = ("--preset", "tiny", "--method", "maml")
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("synthetic", ("--inner-lr", "inf"), "argument --inner-lr: must be a positive finite"),
+        ("synthetic", ("--inner-lr", "nan"), "argument --inner-lr: must be a positive finite"),
+        ("synthetic", ("--seed", str(2**63)), "argument --seed: must be a seed in 0 .. 2**63 - 1"),
+        ("synthetic", ("--seeds", "1", "-1"), "argument --seeds: must be a seed in 0 .. 2**63"),
+        ("few_shot", ("--seed", str(2**64)), "argument --seed: must be a seed in 0 .. 2**63 - 1"),
+        ("few_shot", ("--steps", "0"), "argument --steps: must be a positive integer, got 0"),
+        ("few_shot", ("--ways", "two"), "argument --ways: must be a positive integer, got two"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line(tmp_path, capsys, name, argv, message):
+    preset = SYNTHETIC if name == "synthetic" else FEW_SHOT
+    assert message in _one_line(capsys, name, *preset, "--out", str(tmp_path), *argv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_seed_is_accepted():
+    assert seed_value(str(2**63 - 1)) == 2**63 - 1 and seed_value("0") == 0
+
+
+def test_an_edited_results_file_is_refused_on_resume_and_on_redraw(tmp_path, capsys):
+    out = tmp_path / "run"
+    _ok(capsys, "synthetic", *SYNTHETIC, "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    del results["runs"][0]["mse"]  # an entry the driver would not have written
+    (out / "results.json").write_text(json.dumps(results))
+    for command in [("synthetic", *SYNTHETIC, "--out", str(out), "--resume"), ("redraw", out)]:
+        line = _one_line(capsys, *map(str, command))
+        assert f"{out / 'results.json'} was changed after its run wrote it" in line
+    (out / "results.json").write_text("[]")  # not even an object
+    assert "is not a results file" in _one_line(capsys, "redraw", str(out))
+
+
+def _few_shot_run(capsys, out, *more):
+    _ok(capsys, "few_shot", *FEW_SHOT, "--out", str(out), *more)
+
+
+def test_an_edited_metrics_log_is_one_line_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    _few_shot_run(capsys, out, "--steps", "2")
+    with (out / "metrics.jsonl").open("a") as log:
+        log.write('{"val_accuracy": 50.0}\n')  # parses, but is no record of a step
+    line = _one_line(capsys, "few_shot", *FEW_SHOT, "--out", str(out), "--resume")
+    assert f"{out / 'metrics.jsonl'}, line 2: not a metrics record (no integer step)" in line
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    _few_shot_run(capsys, out, "--steps", "2")
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    line = _one_line(capsys, "few_shot", *FEW_SHOT, "--out", str(out), "--resume")
+    assert f"{checkpoint} cannot be loaded safely" in line
+
+
+def test_a_steps_below_the_checkpoint_or_another_preset_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    _few_shot_run(capsys, out)
+    argv = ("--method", "maml", "--out", str(out), "--resume")
+    line = _one_line(capsys, "few_shot", "--preset", "tiny", "--steps", "2", *argv)
+    assert "has trained 4 steps, more than --steps 2" in line
+    line = _one_line(capsys, "few_shot", "--preset", "cpu", *argv)
+    assert "belongs to another run" in line and "'run.preset': ('tiny', 'cpu')" in line
+    assert "'config.hidden': (4, 32)" in line
+    _few_shot_run(capsys, out, "--steps", "6", "--resume")  # a longer run goes on
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+
+
+def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):
+    out, nowhere = tmp_path / "run", tmp_path / "unmounted" / "board"
+    argv = (*SYNTHETIC, "--out", str(out), "--tensorboard")
+    _ok(capsys, "synthetic", *argv)
+    board = out / "tensorboard"
+    for file in board.iterdir():
+        file.unlink()
+    board.rmdir()
+    board.symlink_to(nowhere)
+    line = _one_line(capsys, "synthetic", *argv, "--resume")
+    assert f"--tensorboard: {board} is a link to {nowhere}, which does not exist" in line
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "tensorboard").symlink_to(nowhere)
+    line = _one_line(capsys, "synthetic", *SYNTHETIC, "--out", str(fresh), "--tensorboard")
+    assert "already holds a run (tensorboard)" in line  # the link is seen, not followed
+    _ok(capsys, "synthetic", *SYNTHETIC, "--out", str(fresh), "--tensorboard", "--overwrite")
+    assert (fresh / "tensorboard").is_dir() and not (fresh / "tensorboard").is_symlink()
+
+
+def _npz(path: Path, **changes) -> Path:
+    """The shared Omniglot arrays, with ``changes``."""
+    with np.load(NPZ) as data:
+        arrays = {key: data[key] for key in data.files}
+    np.savez_compressed(path, **{**arrays, **changes})
+    return path
+
+
+def _with(arrays_key: str, index: int, value: int) -> np.ndarray:
+    with np.load(NPZ) as data:
+        changed = data[arrays_key].copy()
+    changed[index] = value
+    return changed
+
+
+NPZ_FAULTS = {  # name: (the arrays changed, what the one line says)
+    "index past the alphabets": (
+        lambda: {"alphabet_index": _with("alphabet_index", 7, 50)},
+        "alphabet_index holds values outside 0 .. 49",
+    ),
+    "unknown split": (lambda: {"split": _with("split", 0, 2)}, "split holds values outside 0 .. 1"),
+    "too few indices": (
+        lambda: {"character_in_alphabet": np.ones(5, np.int16)},
+        "character_in_alphabet must hold one integer per character (1623)",
+    ),
+    "duplicate": (
+        lambda: {"character_in_alphabet": _with("character_in_alphabet", 1, 1)},
+        "two rows name the same alphabet and character",
+    ),
+    "32x32": (
+        lambda: {"images": np.zeros((1623, 20, 32, 32), np.uint8)},
+        "images has shape (1623, 20, 32, 32), not (characters, drawings, 28, 28)",
+    ),
+}
+
+
+@pytest.mark.parametrize("change, message", NPZ_FAULTS.values(), ids=NPZ_FAULTS)
+def test_omniglot_arrays_that_do_not_fit_are_one_line(tmp_path, capsys, change, message):
+    """Before, an index past the names was an IndexError and 32x32 images passed every check
+    and crashed at the first step."""
+    path = _npz(tmp_path / "omniglot.npz", **change())
+    with pytest.raises(ValueError) as error:
+        load_omniglot(path, "background")
+    assert message in str(error.value)
+    out = tmp_path / "run"
+    line = _one_line(capsys, "few_shot", *FEW_SHOT, "--data", str(path), "--out", str(out))
+    assert message in line and not out.exists()
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width`` x ``height`` pixels in a few bytes: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_refused_by_name(tmp_path):
+    folder = tmp_path / "classes" / "a"
+    folder.mkdir(parents=True)
+    bomb = _png_header(folder / "huge.png", 40_000, 40_000)  # 1.6e9 pixels, 60 bytes
+    assert bomb.stat().st_size < 100
+    with pytest.raises(ValueError, match=rf"refusing image {bomb}: Image size \(1600000000 pix"):
+        ImageClasses.from_folder(tmp_path / "classes", 8)
