@@ -161,13 +161,6 @@ def adapted_equivariance_error(maml: MAML, data: LiftingConvTasks, test: TaskBat
     return sum(errors) / len(errors)
 
 
-def full_U(layer: MSRConv2d) -> torch.Tensor:
-    """The layer's U as a matrix; a Kronecker U is built in full (small layers only)."""
-    if not layer.kronecker:
-        return layer.U.detach()
-    return torch.kron(torch.kron(layer.U_out, layer.U_in), layer.U_kernel).detach()
-
-
 def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     """How far a learned U recovered the data's group convolution (README, Table 2).
 
@@ -266,7 +259,7 @@ def run_one(
         "equivariance_error": adapted_equivariance_error(maml, data, test),
     }
     if method in LEARNED_U:
-        entry["symmetry"] = symmetry_scores(full_U(maml.model), data)
+        entry["symmetry"] = symmetry_scores(maml.model.sharing_matrix().detach(), data)
     save_model(out / f"model_{_name(entry)}.pt", maml, "rotation", seed, tags, cfg)
     draw_figure(maml, entry, data, out)
     return entry
@@ -284,7 +277,7 @@ def draw_figure(
     kernel_shape = (layer.out_channels, layer.in_channels, *layer.kernel_size)
     name = _name(entry)
     figure = viz.plot_conv_directions(
-        full_U(layer),
+        layer.sharing_matrix().detach(),
         kernel_shape,
         title=f"{name}: strongest directions of span(U), channels of field 0 "
         f"(meta-test MSE {entry['mse']:.4f})",

@@ -35,6 +35,12 @@ class SymmetryLayer(nn.Module):
             if name not in self.meta_names:
                 yield name, param
 
+    def sharing_matrix(self) -> Tensor:
+        """The layer's U as one dense ``(numel(W), latent)`` matrix, vec(W) = U v with W
+        flattened in its own (row-major) order; built on demand where U is stored implicitly,
+        differentiable in the stored parameters (``.detach()`` it to inspect)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its sharing matrix")
+
     def _register_symmetry(self, name: str, value: Tensor | None, learn: bool) -> None:
         if learn and value is not None:
             self.register_parameter(name, nn.Parameter(value))
@@ -55,6 +61,13 @@ def _column_major(U: Tensor) -> Tensor:
 def _expand(U: Tensor, v: Tensor) -> Tensor:
     """vec(W) = U v, written as v U^T so that the products suit ``_column_major`` storage."""
     return F.linear(v, U)
+
+
+def kronecker_sharing(U_out: Tensor, U_in: Tensor, U_kernel: Tensor) -> Tensor:
+    """U = U_out (x) U_in (x) U_kernel: the dense sharing matrix of a Kronecker-factored conv
+    layer, rows in vec(kernel) order (out, in, pixel). It has (out * in * kh * kw)^2 entries,
+    so it is for inspecting small layers; ``MSRConv2d.weight`` never builds it."""
+    return torch.kron(torch.kron(U_out, U_in), U_kernel)
 
 
 def _init_bias(out_features: int, fan_in: int, bias: bool) -> nn.Parameter | None:
@@ -139,6 +152,14 @@ class MSRLinear(SymmetryLayer):
         """The effective weight W = reshape(U v)."""
         flat = self.v if self.U is None else _expand(self.U, self.v)
         return flat.view(self.out_features, self.in_features)
+
+    def sharing_matrix(self) -> Tensor:
+        """U, ``(out_features * in_features, latent)``; MAML-FC's identity is built here (a
+        ``numel x numel`` matrix), never in the forward pass."""
+        if self.U is None:
+            numel = self.out_features * self.in_features
+            return torch.eye(numel, dtype=self.v.dtype, device=self.v.device)
+        return self.U
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -245,6 +266,13 @@ class MSRConv2d(SymmetryLayer):
         kernel = torch.einsum("bi,aik->abk", self.U_in, kernel)
         kernel = torch.einsum("ck,abk->abc", self.U_kernel, kernel)
         return kernel.reshape(shape)
+
+    def sharing_matrix(self) -> Tensor:
+        """U, ``(out * in * kh * kw, latent)``: the dense basis, or ``kronecker_sharing`` of
+        the three factors (latent = numel; built on demand, small layers only)."""
+        if not self.kronecker:
+            return self.U
+        return kronecker_sharing(self.U_out, self.U_in, self.U_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:

@@ -98,7 +98,7 @@ print(f"meta-test accuracy on unseen classes: {100 * scores.mean().item():.1f}% 
 
 # %%
 first = model[0]
-U = torch.kron(torch.kron(first.U_out, first.U_in), first.U_kernel).detach()
+U = first.sharing_matrix().detach()  # U_out ⊗ U_in ⊗ U_kernel, built for this look
 viz.plot_conv_directions(U, (16, 1, 3, 3), "first layer: strongest directions of span(U)")
 kernel_singular = torch.linalg.svdvals(first.U_kernel.detach())
 print("singular values of U_kernel:", " ".join(f"{v:.2f}" for v in kernel_singular))

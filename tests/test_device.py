@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.common import REPO_ROOT, resolve_device
-from experiments.rotation import full_U, symmetry_scores
+from experiments.rotation import symmetry_scores
 from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.groups import get_group
@@ -80,7 +80,7 @@ def test_symmetry_scores_and_group_actions_follow_their_inputs():
         translation_equivariance_error(torch.randn(6, 8, device="cpu"))
         c4 = get_group("c4")
         c4.act_regular(c4.transform(x, 1), 1)
-        full_U(layer)
+        layer.sharing_matrix()
     assert scores["nearest_group"] in scores["group_distances_deg"]
 
 

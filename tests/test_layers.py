@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from msr import MSRConv2d, MSRLinear, TaskBatchNorm, partition_parameters
+from msr.layers import kronecker_sharing
 
 
 def test_msr_linear_weight_is_reshaped_U_v():
@@ -72,13 +73,27 @@ def test_conv_starts_as_a_plain_conv_exactly():
     assert partition_parameters(frozen) == ([], ["v", "bias"])
 
 
+def test_the_sharing_matrix_of_a_linear_layer_is_its_U_or_the_identity():
+    layer = MSRLinear(5, 4, latent=3)
+    assert layer.sharing_matrix() is layer.U and layer.sharing_matrix().shape == (20, 3)
+    fc = MSRLinear.fully_connected(3, 2)
+    assert torch.equal(fc.sharing_matrix(), torch.eye(6))
+    torch.testing.assert_close(fc.weight.flatten(), fc.sharing_matrix() @ fc.v)
+    dense = MSRConv2d.from_basis(torch.randn(2 * 9, 4), 1, 2, 3)
+    assert dense.sharing_matrix() is dense.U
+
+
 def test_conv_kronecker_factors_act_as_the_full_kronecker_U():
     layer = MSRConv2d(2, 3, (2, 3), bias=False).double()
     with torch.no_grad():
         for factor in (layer.U_out, layer.U_in, layer.U_kernel):
             factor.copy_(torch.randn_like(factor))
-    full_U = torch.kron(torch.kron(layer.U_out, layer.U_in), layer.U_kernel)
-    expected = (full_U @ layer.v.flatten()).view(3, 2, 2, 3)
+    U = layer.sharing_matrix()
+    # entry ((o, i, k), (p, j, l)) is U_out[o, p] U_in[i, j] U_kernel[k, l]
+    by_entry = torch.einsum("op,ij,kl->oikpjl", layer.U_out, layer.U_in, layer.U_kernel)
+    torch.testing.assert_close(U, by_entry.reshape(36, 36))
+    torch.testing.assert_close(U, kronecker_sharing(layer.U_out, layer.U_in, layer.U_kernel))
+    expected = (U @ layer.v.flatten()).view(3, 2, 2, 3)
     torch.testing.assert_close(layer.weight, expected)
 
 
