@@ -1,7 +1,13 @@
-"""Shared test set-up: one thread, deterministic seeds, the ``cuda`` marker."""
+"""Shared test set-up: one thread, deterministic seeds, the ``cuda`` marker, and where the
+repository and its shared data are (``from conftest import REPO_ROOT, SHARED``)."""
+
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"  # data and reference figures, beside the checkout
 
 torch.set_num_threads(1)
 

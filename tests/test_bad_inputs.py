@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 from run_records import driver_status, error_lines
 
 from experiments import few_shot, redraw, synthetic
-from experiments.common import REPO_ROOT, seed_value
+from experiments.common import seed_value
 from msr.data import load_omniglot
 from msr.data.episodes import ImageClasses
 
-NPZ = REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
+NPZ = SHARED / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
 DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": redraw.main}
 
 

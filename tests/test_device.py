@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT
 
-from experiments.common import REPO_ROOT, resolve_device
+from experiments.common import resolve_device
 from experiments.rotation import symmetry_scores
 from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes

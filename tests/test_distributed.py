@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO_ROOT
 from run_records import children
 
-from experiments.common import REPO_ROOT
 from msr import MAML, MSRLinear, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import types
 
-from experiments.common import REPO_ROOT
+from conftest import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("docs_script", REPO_ROOT / "scripts" / "docs.py")
 docs = importlib.util.module_from_spec(spec)

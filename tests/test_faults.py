@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from run_records import driver_status, logged_metrics
 
 from experiments import synthetic
-from experiments.common import REPO_ROOT, MetricsLog, atomic_write, read_results, write_results
+from experiments.common import MetricsLog, atomic_write, read_results, write_results
 from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
 
 

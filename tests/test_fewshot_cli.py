@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from run_records import driver_status
 
 from experiments import few_shot
-from experiments.common import REPO_ROOT
 from experiments.few_shot import METHODS, PRESETS, build_learner, count_parameters
 
 

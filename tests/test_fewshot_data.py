@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 from PIL import Image
 
-from experiments.common import REPO_ROOT
 from msr.data import augment_images, load_miniimagenet, load_omniglot, sample_episodes
 from msr.data.episodes import ImageClasses
 
-OMNIGLOT = REPO_ROOT.parent / "shared" / "data" / "omniglot"
+OMNIGLOT = SHARED / "data" / "omniglot"
 NPZ = OMNIGLOT / "omniglot_28x28_lanczos.npz"
 
 

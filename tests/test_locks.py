@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
+from conftest import REPO_ROOT
 
-from experiments.common import REPO_ROOT
 from experiments.rundir import LOCK_NAME, RunError, claim_output
 
 # Claims --out at a given moment, holds it a while, and says whether it won.

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from run_records import alive, children, logged_metrics
 
 from experiments import few_shot
-from experiments.common import REPO_ROOT, write_results
+from experiments.common import write_results
 from experiments.rundir import Stopped, check_stop, deferred_stops
 from msr import ProtoNet
 

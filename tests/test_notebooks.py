@@ -5,9 +5,8 @@ from pathlib import Path
 import jupytext
 import nbformat
 import pytest
+from conftest import REPO_ROOT
 from nbclient import NotebookClient
-
-from experiments.common import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.py"))
 # what each notebook must print when it has run through

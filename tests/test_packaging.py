@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO_ROOT
+
 import msr
-from experiments.common import REPO_ROOT
 
 
 def _requirements() -> dict[str | None, set[str]]:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
-from experiments.common import REPO_ROOT
 from experiments.rotation import (
     CANDIDATE_GROUPS,
     METHODS,

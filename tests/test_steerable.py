@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
-from experiments.common import REPO_ROOT
 from msr import MSRConv2d, bases
 from msr.groups import get_group
 from msr.symmetry import equivariance_error, principal_angles
 
-E2CNN_BASES = REPO_ROOT.parent / "shared" / "reference" / "e2cnn_c8_d8_bases.npz"
+E2CNN_BASES = SHARED / "reference" / "e2cnn_c8_d8_bases.npz"
 
 
 @pytest.fixture(scope="module")

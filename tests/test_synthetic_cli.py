@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
-from experiments.common import REPO_ROOT
 from experiments.synthetic import LEARNED_U, METHODS, ORACLE, PAPER_TABLE1
 
 RUN_FIELDS = {"method", "k", "mse", "ci95", "paper_mse", "paper_ci95", "steps", "wall_s", "device"}
