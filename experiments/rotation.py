@@ -44,13 +44,12 @@ from experiments.training import (
     summary_header,
     sweep_inner_lr,
 )
-from msr import MAML, MSRConv2d, TaskBatch, bases, viz
+from msr import MAML, MSRConv2d, bases, viz
 from msr.symmetry import (
-    effective_basis,
+    adapted_group_equivariance_error,
     energy_share,
-    equivariance_error,
-    grassmann_distance,
     kernel_mode_matrix,
+    nearest_group,
     principal_angles,
 )
 from synthetic.rotation2d import LiftingConvTasks, Rotation2D, Steerable2D
@@ -145,22 +144,6 @@ def build_model(method: str, data: LiftingConvTasks) -> MSRConv2d:
     return layer.to(data.device)
 
 
-def adapted_equivariance_error(maml: MAML, data: LiftingConvTasks, test: TaskBatch) -> float:
-    """Mean over test tasks and the group's non-identity grid elements (all of C4 / D4, the
-    90-degree subgroup of C8 / D8) of the adapted layer's equivariance error."""
-    group, errors = data.group, []
-    for index in range(min(EQUIVARIANCE_TASKS, test.num_tasks)):
-        layer = maml.adapt(test.x_support[index], test.y_support[index])
-        x = test.x_query[index]
-        with torch.no_grad():
-            out = layer(x)
-            errors += [
-                equivariance_error(layer(group.transform(x, g)), group.act_regular(out, g))
-                for g in group.grid_elements[1:]
-            ]
-    return sum(errors) / len(errors)
-
-
 def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     """How far a learned U recovered the data's group convolution (README, Table 2).
 
@@ -176,13 +159,9 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
     ).filter_basis
     kernel_mode = kernel_mode_matrix(U, pixels)
     kernel_singular = torch.linalg.svdvals(kernel_mode)
-    strongest = effective_basis(U)
     candidates = {
         name: basis for name in CANDIDATE_GROUPS if (basis := data.group_basis(name)) is not None
     }
-    distances = {name: grassmann_distance(strongest, b) for name, b in candidates.items()}
-    nearest = min(distances, key=distances.__getitem__)
-    energy_in_nearest = energy_share(U, candidates[nearest])
     return {
         "energy_in_group_basis": energy_share(U, data.basis),
         "chance_energy": rank / numel,
@@ -193,11 +172,7 @@ def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
         "kernel_singular_values": (kernel_singular / kernel_singular[0]).tolist(),
         "kernel_energy_in_band_limit": energy_share(kernel_mode, band_limited),
         "chance_kernel_energy": band_limited.shape[1] / pixels,
-        "effective_rank": strongest.shape[1],
-        "group_distances_deg": distances,
-        "nearest_group": nearest,
-        "energy_in_nearest_group": energy_in_nearest,
-        "discovered_group": nearest if energy_in_nearest >= DISCOVERED_ENERGY else None,
+        **nearest_group(U, candidates, DISCOVERED_ENERGY),
     }
 
 
@@ -256,7 +231,9 @@ def run_one(
         "steps": cfg.steps,
         "wall_s": wall,
         "device": str(device),
-        "equivariance_error": adapted_equivariance_error(maml, data, test),
+        "equivariance_error": adapted_group_equivariance_error(
+            maml.adapt, test, data.group, EQUIVARIANCE_TASKS
+        ),
     }
     if method in LEARNED_U:
         entry["symmetry"] = symmetry_scores(maml.model.sharing_matrix().detach(), data)

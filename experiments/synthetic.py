@@ -43,10 +43,9 @@ from experiments.training import (
 )
 from msr import MAML, MSRLinear, TaskBatch, bases, viz
 from msr.symmetry import (
+    adapted_translation_equivariance_error,
     orthonormal_basis,
-    principal_angles,
-    subspace_recall,
-    translation_equivariance_error,
+    recovery_scores,
 )
 from synthetic.translation1d import RANKS, Translation1D
 
@@ -98,16 +97,9 @@ def symmetry_scores(
     layer: MSRLinear, maml: MAML, data: Translation1D, test: TaskBatch
 ) -> dict[str, float]:
     """How well span(U) recovers the generator's sharing basis, and how equivariant W is."""
-    basis = data.true_basis()
-    angles = principal_angles(layer.U, basis)
-    adapted_weights = [maml.adapt(test.x_support[i], test.y_support[i]).weight for i in range(8)]
     return {
-        "max_principal_angle_deg": float(angles.max()),
-        "recall": subspace_recall(layer.U, basis),
-        "chance_recall": layer.U.shape[1] / layer.U.shape[0],
-        "translation_equivariance_error": float(
-            sum(translation_equivariance_error(w) for w in adapted_weights) / len(adapted_weights)
-        ),
+        **recovery_scores(layer.U, data.true_basis()),
+        "translation_equivariance_error": adapted_translation_equivariance_error(maml.adapt, test),
     }
 
 

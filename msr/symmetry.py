@@ -6,8 +6,15 @@ identifiable. ``B`` is the true sharing basis (e.g. ``msr.bases.conv1d``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from msr.episodic import TaskBatch
+    from msr.groups import Group
 
 
 def orthonormal_basis(matrix: Tensor, rtol: float = 1e-6) -> Tensor:
@@ -104,3 +111,65 @@ def kernel_mode_matrix(U: Tensor, kernel_numel: int) -> Tensor:
         raise ValueError(f"U has {U.shape[0]} rows, not a multiple of {kernel_numel} pixels")
     u = U.detach().double()
     return u.view(-1, kernel_numel, u.shape[1]).transpose(0, 1).reshape(kernel_numel, -1)
+
+
+def recovery_scores(U: Tensor, B: Tensor) -> dict[str, float]:
+    """How well span(U) recovers the true basis B: the largest principal angle (degrees), the
+    recall (``subspace_recall``) and the recall a random span of U's width would get by chance
+    (latent / numel)."""
+    return {
+        "max_principal_angle_deg": float(principal_angles(U, B).max()),
+        "recall": subspace_recall(U, B),
+        "chance_recall": U.shape[1] / U.shape[0],
+    }
+
+
+def nearest_group(
+    U: Tensor, candidates: Mapping[str, Tensor], discovered_energy: float = 0.9
+) -> dict[str, Any]:
+    """Which symmetry U found: the candidate basis (name -> basis) nearest by
+    ``grassmann_distance`` to U's strong directions (``effective_basis``), and whether it is
+    *discovered*: it also holds ``discovered_energy`` of U's energy (``energy_share``)."""
+    if not candidates:
+        raise ValueError("no candidate bases to compare U with")
+    strongest = effective_basis(U)
+    distances = {name: grassmann_distance(strongest, b) for name, b in candidates.items()}
+    nearest = min(distances, key=distances.__getitem__)
+    energy = energy_share(U, candidates[nearest])
+    return {
+        "effective_rank": strongest.shape[1],
+        "group_distances_deg": distances,
+        "nearest_group": nearest,
+        "energy_in_nearest_group": energy,
+        "discovered_group": nearest if energy >= discovered_energy else None,
+    }
+
+
+def adapted_translation_equivariance_error(
+    adapt: Callable[[Tensor, Tensor], nn.Module], tasks: TaskBatch, count: int = 8
+) -> float:
+    """Mean ``translation_equivariance_error`` of the weight that ``adapt(x, y)`` (e.g.
+    ``MAML.adapt``) gives on the support sets of the first ``count`` tasks: the symmetry the
+    whole adapted layer has, not only span(U)."""
+    weights = [adapt(tasks.x_support[i], tasks.y_support[i]).weight for i in range(count)]
+    return float(sum(translation_equivariance_error(w) for w in weights) / len(weights))
+
+
+def adapted_group_equivariance_error(
+    adapt: Callable[[Tensor, Tensor], nn.Module], tasks: TaskBatch, group: Group, count: int = 8
+) -> float:
+    """Mean ``equivariance_error`` of the network ``adapt(x, y)`` gives on each of the first
+    ``count`` tasks, on its query inputs, under every non-identity element of ``group`` that
+    acts exactly on the pixel grid (a lifting layer: input transformed, regular output fields
+    permuted and transformed)."""
+    errors = []
+    for index in range(min(count, tasks.num_tasks)):
+        network = adapt(tasks.x_support[index], tasks.y_support[index])
+        x = tasks.x_query[index]
+        with torch.no_grad():
+            out = network(x)
+            errors += [
+                equivariance_error(network(group.transform(x, g)), group.act_regular(out, g))
+                for g in group.grid_elements[1:]
+            ]
+    return sum(errors) / len(errors)

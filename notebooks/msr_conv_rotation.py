@@ -36,14 +36,10 @@ sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
 import matplotlib.pyplot as plt
 import torch
 
-from experiments.rotation import (
-    adapted_equivariance_error,
-    build_model,
-    make_data,
-    symmetry_scores,
-)
+from experiments.rotation import build_model, make_data, symmetry_scores
 from experiments.training import TrainConfig, build_maml
 from msr import viz
+from msr.symmetry import adapted_group_equivariance_error
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "400"))
 torch.manual_seed(0)
@@ -67,7 +63,7 @@ for _ in range(steps):
         optimizers[name].step()
 for name, maml in learners.items():
     mse = maml.evaluate(test)["loss"].mean().item()
-    error = adapted_equivariance_error(maml, data, test)
+    error = adapted_group_equivariance_error(maml.adapt, test, data.group)
     print(f"{name:15s} meta-test MSE {mse:.4f}, equivariance error of adapted layer {error:.2e}")
 
 # %% [markdown]

@@ -5,14 +5,19 @@ import math
 import pytest
 import torch
 
-from msr import bases
+from msr import MSRConv2d, MSRLinear, TaskBatch, bases
+from msr.groups import get_group
 from msr.symmetry import (
+    adapted_group_equivariance_error,
+    adapted_translation_equivariance_error,
     effective_basis,
     energy_share,
     equivariance_error,
     grassmann_distance,
     kernel_mode_matrix,
+    nearest_group,
     principal_angles,
+    recovery_scores,
     subspace_recall,
     translation_equivariance_error,
 )
@@ -83,3 +88,47 @@ def test_kernel_mode_of_a_kronecker_u_has_the_kernel_factor_spectrum():
     torch.testing.assert_close(torch.linalg.svdvals(kernel_mode_matrix(U, 9)), expected)
     with pytest.raises(ValueError, match="not a multiple of 9 pixels"):
         kernel_mode_matrix(torch.zeros(10, 2), 9)
+
+
+def test_recovery_scores_of_the_true_span_and_of_a_random_one():
+    B = bases.conv1d(12, 3).double()
+    found = recovery_scores(B @ torch.randn(3, 3, dtype=torch.float64), B)
+    assert found["max_principal_angle_deg"] < 1e-5 and found["recall"] == pytest.approx(1.0)
+    assert found["chance_recall"] == 3 / B.shape[0]
+    missed = recovery_scores(torch.randn(B.shape[0], 3, dtype=torch.float64), B)
+    assert missed["max_principal_angle_deg"] > 45 and missed["recall"] < 0.5
+
+
+def test_nearest_group_names_the_candidate_that_holds_u():
+    conv, local = bases.conv1d(12, 3).double(), bases.locally_connected1d(12, 3).double()
+    candidates = {"conv": conv, "locally connected": local}
+    rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]  # keeps all 3 strong
+    found = nearest_group(conv @ rotation, candidates)
+    assert found["nearest_group"] == found["discovered_group"] == "conv"
+    assert found["group_distances_deg"]["conv"] < 1e-3 and found["effective_rank"] == 3
+    # a random U is nearest to something but held by nothing: not discovered
+    lost = nearest_group(torch.randn(conv.shape[0], 3, dtype=torch.float64), candidates)
+    assert lost["discovered_group"] is None and lost["energy_in_nearest_group"] < 0.9
+    with pytest.raises(ValueError, match="no candidate bases"):
+        nearest_group(conv, {})
+
+
+def _tasks(x_support, x_query):
+    return TaskBatch(x_support, torch.zeros(len(x_support)), x_query, torch.zeros(len(x_query)))
+
+
+def test_an_adapted_convolution_is_translation_equivariant_and_a_dense_layer_is_not():
+    conv = MSRLinear.from_basis(bases.conv1d(12, 3), 12, 10)
+    dense = MSRLinear(12, 10, latent=20)
+    tasks = _tasks(torch.randn(8, 4, 12), torch.randn(8, 4, 12))
+    assert adapted_translation_equivariance_error(lambda x, y: conv, tasks) < 1e-6
+    assert adapted_translation_equivariance_error(lambda x, y: dense, tasks) > 0.5
+
+
+def test_an_adapted_group_convolution_is_group_equivariant_and_a_plain_one_is_not():
+    group = get_group("c4")
+    lifting = MSRConv2d.from_basis(bases.group_conv2d("c4", 1, 2, 3), 1, 8, 3, bias=False)
+    plain = MSRConv2d(1, 8, 3, bias=False)
+    tasks = _tasks(torch.randn(3, 2, 1, 7, 7), torch.randn(3, 2, 1, 7, 7))
+    assert adapted_group_equivariance_error(lambda x, y: lifting, tasks, group) < 1e-6
+    assert adapted_group_equivariance_error(lambda x, y: plain, tasks, group) > 0.1
