@@ -18,7 +18,6 @@ and augmented there.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -49,12 +48,12 @@ from experiments.common import (
     seed_value,
     write_results,
 )
+from experiments.engine import outer_steps
 from experiments.rundir import (
     RunError,
     Stopped,
     check_stop,
     claim_output,
-    requested_stop,
     run_cli,
 )
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy
@@ -404,21 +403,18 @@ def _train(
         if args.resume and state["unvalidated"] is not None:
             validate(state["step"], state["unvalidated"])
             save_checkpoint(state["step"])
-        for step in range(first_step, cfg.steps + 1):
-            if requested_stop():  # keep every finished step: --resume continues from here
-                save_checkpoint(step - 1)
-                check_stop()
-            optimizer.zero_grad()
-            loss = learner.meta_backward(train_tasks(step)).mean()
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(
-                    f"non-finite training loss {loss.item()} at step {step}; the last good "
-                    f"checkpoint ({checkpoint}) is kept"
-                )
-            optimizer.step()
+        for step, loss in outer_steps(
+            learner,
+            optimizer,
+            train_tasks,
+            range(first_step, cfg.steps + 1),
+            what=f"{args.method} on {args.dataset}",
+            kept=f"the last good checkpoint ({checkpoint}) is kept",
+            on_stop=save_checkpoint,  # keep every finished step: --resume continues from it
+        ):
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                validate(step, loss.item())
+                validate(step, loss)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(step)
     train_wall = time.perf_counter() - start

@@ -37,9 +37,9 @@ from experiments.common import (
     seed_value,
     write_results,
 )
-from experiments.rundir import RunError, Stopped, check_stop, requested_stop
+from experiments.engine import NonFiniteLossError, outer_steps
+from experiments.rundir import RunError, check_stop
 from msr import MAML, TaskBatch
-from msr.distributed import average_gradients, shard_tasks
 from msr.validation import check_positive_int
 from synthetic.pool import TaskPool
 
@@ -70,10 +70,6 @@ def build_maml(model: torch.nn.Module, cfg: TrainConfig) -> MAML:
     )
 
 
-class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite (the run, or a sweep candidate, diverged)."""
-
-
 def _outer_steps(
     maml: MAML,
     data: TaskPool,
@@ -82,46 +78,25 @@ def _outer_steps(
     advance: Callable[[int], None],
     tags: Mapping[str, object],
 ) -> Iterator[tuple[int, float]]:
-    """Run ``cfg.steps`` outer steps on meta-batches of training tasks; yield (step, train loss)
-    after each, so that the caller decides what to score in between."""
+    """``engine.outer_steps`` for ``cfg.steps`` steps on meta-batches of training tasks drawn in
+    turn from one stream seeded by ``seed`` (the same on every rank), with Adam and the
+    preset's cosine schedule; yields (step, train loss) after each."""
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.outer_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, cfg.steps, eta_min=cfg.outer_lr * cfg.final_lr_fraction
     )
-    sampler = torch.Generator().manual_seed(seed)  # every rank draws the same meta-batch ...
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for step in range(1, cfg.steps + 1):
-        if world_size > 1:
-            _check_stop_together(maml)
-        else:
-            check_stop()
-        optimizer.zero_grad()
-        tasks = data.sample_train(cfg.meta_batch, sampler)
-        if world_size > 1:  # ... and meta-trains on its own shard of it
-            tasks = shard_tasks(tasks, rank, world_size)
-        train_loss = maml.meta_backward(tasks).mean().item()
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss {train_loss} at step {step} ({dict(tags)}); the runs "
-                "finished before this one are kept in results.json"
-            )
-        if world_size > 1:
-            average_gradients(maml)
-        optimizer.step()
-        schedule.step()
+    sampler = torch.Generator().manual_seed(seed)
+    for step, train_loss in outer_steps(
+        maml,
+        optimizer,
+        lambda step: data.sample_train(cfg.meta_batch, sampler),
+        range(1, cfg.steps + 1),
+        what=str(dict(tags)),
+        kept="the runs finished before this one are kept in results.json",
+        schedule=schedule,
+    ):
         advance(1)
         yield step, train_loss
-
-
-def _check_stop_together(maml: MAML) -> None:
-    """Under torchrun, stop every rank at the same step: a rank that stopped alone would leave
-    the others waiting in the next all-reduce until it fails. The ranks agree on the stop (the
-    largest signal number any of them has seen) before each step; often one rank gets it alone
-    (a signal sent to one process) or a step later than the others."""
-    seen = torch.tensor([requested_stop()], device=next(maml.parameters()).device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-    if agreed := int(seen.item()):
-        raise Stopped(agreed)
 
 
 def meta_train(

@@ -5,8 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from experiments.engine import NonFiniteLossError
 from experiments.synthetic import build_model
-from experiments.training import NonFiniteLossError, TrainConfig, build_maml, sweep_inner_lr
+from experiments.training import TrainConfig, build_maml, sweep_inner_lr
 from synthetic.translation1d import Translation1D
 
 CFG = TrainConfig(steps=1, eval_every=1, meta_batch=4)
