@@ -17,7 +17,8 @@ parameters) with:
   how much the meta-gradient moves for a change of the weights of TF32's size, by itself (its
   ReLUs and max-pools make it piecewise smooth, so such changes can switch pieces);
 - ``next meta-batch``: the next step's meta-batch: the sampling noise SGD lives with anyway.
-The drivers compute in fp32; README "Devices and GPUs" says why, from this benchmark's figures.
+The drivers compute in fp32; docs/performance.md ("Devices and GPUs") says why, from this
+benchmark's figures.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def build_model(method: str, data: LiftingConvTasks) -> MSRConv2d:
 
 
 def symmetry_scores(U: torch.Tensor, data: LiftingConvTasks) -> dict[str, Any]:
-    """How far a learned U recovered the data's group convolution (README, Table 2).
+    """How far a learned U recovered the data's group convolution (docs/results.md, Table 2).
 
     "Which symmetry was discovered": the group among C4, D4, C8, D8 (those whose regular fields
     fit the channels) whose lifting basis, of the data's own family (``group_basis``: steerable,

@@ -1,11 +1,15 @@
-"""Build the API reference of ``msr`` from its docstrings (pdoc) and check its references.
+"""Build the documentation: the API reference of ``msr`` from its docstrings (pdoc) and the
+guide (README.md and docs/*.md), and check their references.
 
     python scripts/docs.py [--out docs/api]        (or: bash scripts/docs.sh)
 
-Writes HTML to ``--out`` (default ``docs/api``, not tracked). Fails (exit 1, naming each) on any
-warning pdoc raises while rendering and on any broken reference: a dotted name ``msr.x.y`` in a
-docstring, or a ``name`` in double backticks that pdoc would link, that does not resolve to an
-object of the package. The test suite runs it, so CI fails on a broken reference.
+Writes HTML to ``--out`` (default ``docs/api``, not tracked): the API pages, and the guide under
+``guide/`` (``guide/index.html`` is the README, with a list linking every module's API page).
+Fails (exit 1, naming each) on any warning pdoc raises while rendering, on any broken
+reference (a dotted name ``msr.x.y`` in a docstring, or a ``name`` in double backticks that pdoc
+would link, that does not resolve to an object of the package), on a module that
+docs/library.md does not name, and on a guide link to a page that does not exist. The test
+suite runs it, so CI fails on any of these.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pdoc
+from pdoc.render_helpers import to_html
 
 ROOT = Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs"
+MARKDOWN_LINK = re.compile(r'href="((?:\.\./|docs/)?)([A-Za-z0-9_.-]+)\.md"')
 DOTTED = re.compile(r"\bmsr(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
@@ -87,6 +94,44 @@ def _resolve(dotted: str) -> object | None:
     return None
 
 
+def unnamed_modules(mods: list[ModuleType]) -> list[str]:
+    """The modules docs/library.md does not name (in backticks: the module or one of its
+    members, e.g. ``msr.maml`` or ``msr.maml.MAML``)."""
+    text = (GUIDE / "library.md").read_text()
+    return [
+        m.__name__
+        for m in mods[1:]  # msr itself is the page
+        if not re.search(rf"`{re.escape(m.__name__)}[`.(]", text)
+    ]
+
+
+def write_guide(out: Path, mods: list[ModuleType]) -> list[str]:
+    """Render README.md (as ``guide/index.html``) and docs/*.md into ``out/guide``, their
+    links between each other made links between the pages; returns the broken links."""
+    pages = {"README": ROOT / "README.md"} | {p.stem: p for p in sorted(GUIDE.glob("*.md"))}
+    (out / "guide").mkdir(parents=True, exist_ok=True)
+    broken = []
+    for name, source in pages.items():
+
+        def link(match: re.Match[str], source: Path = source) -> str:
+            target = match.group(2)
+            if target not in pages:
+                broken.append(f"{source.name}: link to {target}.md, which is not a guide page")
+            return f'href="{"index" if target == "README" else target}.html"'
+
+        body = MARKDOWN_LINK.sub(link, to_html(source.read_text()))
+        if name == "README":
+            api = "".join(
+                f'<li><a href="../{m.__name__.replace(".", "/")}.html">{m.__name__}</a></li>'
+                for m in mods
+            )
+            body += f"<h2>API reference, module by module</h2><ul>{api}</ul>"
+        title = source.read_text().splitlines()[0].lstrip("# ")
+        html = f"<!doctype html><meta charset=utf-8><title>{title}</title><body>{body}</body>"
+        (out / "guide" / f"{'index' if name == 'README' else name}.html").write_text(html)
+    return broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "api")
@@ -98,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         pdoc.pdoc(*_specs(mods), output_directory=args.out)
     problems = [f"pdoc: {w.message}" for w in caught]
     problems += [f"broken reference in {ref}" for ref in broken_references(mods)]
+    problems += [f"docs/library.md does not name the module {m}" for m in unnamed_modules(mods)]
+    problems += [f"broken guide link in {link}" for link in write_guide(args.out, mods)]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return 1
     pages = sorted(args.out.rglob("*.html"))
-    print(f"API reference: {len(pages)} pages in {args.out} (open {args.out / 'index.html'})")
+    print(
+        f"documentation: {len(pages)} pages in {args.out} (open {args.out / 'index.html'} for "
+        f"the API, {args.out / 'guide' / 'index.html'} for the guide)"
+    )
     return 0
 
 

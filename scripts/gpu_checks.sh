@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of README "Devices and GPUs", as one command for a machine with a CUDA GPU that
+# The GPU checks of docs/performance.md ("Devices and GPUs") as one command for a machine with a CUDA GPU that
 # has its own python3 and torch (>= 2.11; nothing is installed: run from the repository root).
 #
 #   bash scripts/gpu_checks.sh DEST

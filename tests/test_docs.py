@@ -1,6 +1,8 @@
-"""The API reference builds from the docstrings, and a broken reference fails the build."""
+"""The documentation builds (the API reference from the docstrings, the guide from README.md and
+docs/*.md), and a broken reference, a broken guide link or an undocumented module fails it."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 import types
@@ -19,6 +21,29 @@ def test_the_api_reference_builds_with_no_warning_or_broken_reference(tmp_path):
     pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
     assert {"msr.html", "msr/layers.html", "msr/maml.html", "msr/viz.html"} <= pages
     assert "meta_loss" in (tmp_path / "msr" / "episodic.html").read_text()
+    guide = {p.stem for p in (tmp_path / "guide").glob("*.html")}
+    assert guide == {"index"} | {p.stem for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert {"results", "running", "performance", "architecture", "library"} <= guide
+    index = (tmp_path / "guide" / "index.html").read_text()
+    linked = re.findall(r'href="\.\./(msr[^"]*\.html)"', index)
+    assert len(linked) == len(docs.modules()) and all((tmp_path / page).exists() for page in linked)
+    assert 'href="results.html"' in index  # README's docs/results.md, as a page of the guide
+
+
+def test_a_broken_guide_link_and_an_undocumented_module_are_reported(tmp_path, monkeypatch):
+    import msr
+    import msr.bases
+    import msr.maml
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# t\n\nSee [the results](docs/nowhere.md).\n")
+    (tmp_path / "docs" / "library.md").write_text("# l\n\n- `msr.bases.conv1d`: a basis\n")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "GUIDE", tmp_path / "docs")
+    assert docs.write_guide(tmp_path / "out", [msr, msr.bases]) == [
+        "README.md: link to nowhere.md, which is not a guide page"
+    ]
+    assert docs.unnamed_modules([msr, msr.bases, msr.maml]) == ["msr.maml"]
 
 
 def test_a_reference_to_a_missing_object_is_reported():

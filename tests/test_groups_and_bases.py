@@ -113,7 +113,7 @@ def test_group_conv_basis_gives_an_equivariant_layer(name, in_channels):
     [("c4", 4), ("d4", 7), ("steerable c8", 9), ("steerable d8", 17)],
 )
 def test_no_single_kronecker_product_is_close_to_the_group_conv_projector(name, kronecker_rank):
-    """Why the paper's Kronecker MSR-Conv cannot learn group convolution (README, Table 2).
+    """Why the paper's Kronecker MSR-Conv cannot learn group convolution (docs/results.md, Table 2).
 
     Its inner update is preconditioned by U U^T = (A A^T) (x) (C C^T) over (output channel,
     kernel pixel). The projector P onto the group-conv weights is a sum of several Kronecker
