@@ -44,6 +44,20 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that says each option's default where it has one (not None, not a flag's
+    False): what a run does when the option is left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if action.option_strings and not unset and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+SEED_HELP = "seeds the data, the initialization and every random stream: same seed, same run"
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 OVERWRITE_HELP = "replace the earlier run's files in DIR (without it, a non-empty DIR is refused)"
 TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"

@@ -32,7 +32,9 @@ from experiments.common import (
     DEVICE_HELP,
     OVERWRITE_HELP,
     REPO_ROOT,
+    SEED_HELP,
     TENSORBOARD_HELP,
+    DefaultsHelpFormatter,
     MetricsLog,
     differences,
     keep_freed_memory,
@@ -262,18 +264,22 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=DATASETS, default="omniglot")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="the data set")
     parser.add_argument("--data", type=Path, help="data path (default: the shared Omniglot .npz)")
-    parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument("--ways", type=positive_int, default=5)
-    parser.add_argument("--shots", type=positive_int, default=1)
-    parser.add_argument("--preset", choices=("cpu", "paper", "tiny"), default="cpu")
-    parser.add_argument("--seed", type=seed_value, default=0)
+    parser.add_argument("--method", choices=METHODS, required=True, help="the learner")
+    parser.add_argument("--ways", type=positive_int, default=5, help="classes per episode")
+    parser.add_argument("--shots", type=positive_int, default=1, help="support images per class")
+    parser.add_argument(
+        "--preset", choices=("cpu", "paper", "tiny"), default="cpu", help="the scale of the run"
+    )
+    parser.add_argument("--seed", type=seed_value, default=0, help=SEED_HELP)
     parser.add_argument("--steps", type=positive_int, help="override the preset's outer steps")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from experiments.common import MetricsLog, keep_freed_memory, save_figure, save_model
+from experiments.common import (
+    DefaultsHelpFormatter,
+    MetricsLog,
+    keep_freed_memory,
+    save_figure,
+    save_model,
+)
 from experiments.rundir import claim_output, run_cli
 from experiments.training import (
     TrainConfig,
@@ -52,7 +58,7 @@ from msr.symmetry import (
     nearest_group,
     principal_angles,
 )
-from synthetic.rotation2d import LiftingConvTasks, Rotation2D, Steerable2D
+from synthetic.rotation2d import ExactGrid2D, LiftingConvTasks, Steerable2D
 
 METHODS = ("MAML-Conv", "MSR-Conv", "MSR-Conv-dense")
 LEARNED_U = ("MSR-Conv", "MSR-Conv-dense")
@@ -126,7 +132,7 @@ def make_data(group: str, seed: int, device: torch.device | str = "cpu") -> Lift
     """The paper's steerable tasks for c8 / d8, the exact-grid variant for c4 / d4."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
-    family = Steerable2D if group in STEERABLE_GROUPS else Rotation2D
+    family = Steerable2D if group in STEERABLE_GROUPS else ExactGrid2D
     return family(group_name=group, seed=seed, num_tasks=NUM_TASKS[group], device=device)
 
 
@@ -351,7 +357,9 @@ def _equivariance(run: dict[str, Any] | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument(
         "--group",
         nargs="+",
@@ -359,8 +367,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=list(STEERABLE_GROUPS),
         help="c8 / d8: the paper's steerable data (default); c4 / d4: the exact-grid variant",
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the learners"
+    )
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=PROTOCOLS,
+        default=list(PROTOCOLS),
+        help="paper: the paper's inner lr; level: the inner lr swept on training tasks",
+    )
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     keep_freed_memory()

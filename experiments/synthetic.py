@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from experiments.common import (
+    DefaultsHelpFormatter,
     MetricsLog,
     keep_freed_memory,
     save_figure,
@@ -229,7 +230,9 @@ def recovery_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -237,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=list(METHODS),
         help=f"default: the paper's four; {ORACLE} adds the attainable-floor reference",
     )
-    parser.add_argument("--k", nargs="+", type=int, choices=RANKS, default=list(RANKS))
+    parser.add_argument(
+        "--k", nargs="+", type=int, choices=RANKS, default=list(RANKS), help="the data sets' ranks"
+    )
     add_run_arguments(parser, PRESETS)
     args = parser.parse_args(argv)
     keep_freed_memory()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from experiments.common import (
     DEVICE_HELP,
     OVERWRITE_HELP,
+    SEED_HELP,
     TENSORBOARD_HELP,
     MetricsLog,
     differences,
@@ -403,9 +404,11 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
 
 def add_run_arguments(parser: argparse.ArgumentParser, presets: Mapping[str, TrainConfig]) -> None:
     """The options every synthetic driver takes."""
-    parser.add_argument("--preset", choices=sorted(presets), default="quick")
+    parser.add_argument(
+        "--preset", choices=sorted(presets), default="quick", help="the scale of the run"
+    )
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=seed_value, default=0)
+    seeds.add_argument("--seed", type=seed_value, default=0, help=SEED_HELP)
     seeds.add_argument(
         "--seeds",
         type=seed_value,

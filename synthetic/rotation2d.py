@@ -8,7 +8,7 @@ channels; y = conv2d(x, W) ('valid') is 30x30. Two families of B:
   (``msr.bases.steerable_lifting2d``), 3 regular fields of 3x3 kernels, 18 coefficients drawn
   with e2cnn's init (output variance 0.625 for C8, 0.5625 for D8). Rotations by 45 degrees act
   on the continuous filters; the 90-degree subgroup acts exactly on the pixel grid.
-- ``Rotation2D`` (the exact-grid variant, C4 / D4): 3 free 3x3 filters ~ N(0, 1/9), each copied
+- ``ExactGrid2D`` (the exact-grid variant, C4 / D4): 3 free 3x3 filters ~ N(0, 1/9), each copied
   exactly at every group element on the pixel grid (``msr.bases.group_conv2d``); no band limit.
 
 The paper stored ~18 GB of tasks; here tasks stream from (seed, index) through ``TaskPool``.
@@ -16,6 +16,7 @@ The paper stored ~18 GB of tasks; here tasks stream from (seed, index) through `
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -95,7 +96,7 @@ class LiftingConvTasks(TaskPool):
 
 
 @dataclass(frozen=True)
-class Rotation2D(LiftingConvTasks):
+class ExactGrid2D(LiftingConvTasks):
     """The exact-grid variant: free filters copied at each element of C4 or D4 (see above)."""
 
     def __post_init__(self) -> None:
@@ -157,3 +158,16 @@ class Steerable2D(LiftingConvTasks):
         return bases.steerable_lifting2d(
             group_name, fields, self.kernel_size, device=self.device
         ).basis
+
+
+def __getattr__(name: str) -> type[ExactGrid2D]:
+    """``Rotation2D``, the old name of ``ExactGrid2D`` (it does flips too), still imports."""
+    if name == "Rotation2D":
+        warnings.warn(
+            "synthetic.rotation2d.Rotation2D is now ExactGrid2D (C4 / D4 on the exact pixel "
+            "grid, flips included); the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ExactGrid2D
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

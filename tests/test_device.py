@@ -23,7 +23,7 @@ from msr.groups import get_group
 from msr.models import conv4
 from msr.streams import keyed_generator
 from msr.symmetry import translation_equivariance_error
-from synthetic.rotation2d import Rotation2D, Steerable2D
+from synthetic.rotation2d import ExactGrid2D, Steerable2D
 from synthetic.translation1d import Translation1D
 
 no_default_device = torch.device("meta")  # any tensor made without a device lands here
@@ -58,7 +58,7 @@ def test_a_meta_step_creates_its_tensors_beside_the_model_and_data(learner_kind)
     "make_pool",
     [
         lambda: Steerable2D(group_name="d8", num_tasks=10, device="cpu"),
-        lambda: Rotation2D(group_name="d4", num_tasks=10, device="cpu"),
+        lambda: ExactGrid2D(group_name="d4", num_tasks=10, device="cpu"),
         lambda: Translation1D(2, num_tasks=10, device="cpu"),
     ],
 )

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthetic.rotation2d import Rotation2D, Steerable2D
+from synthetic.rotation2d import ExactGrid2D, Steerable2D
 
 
 @pytest.mark.parametrize(
     "data, channels",
     [
-        (Rotation2D(group_name="c4", seed=2, num_tasks=50), 12),
-        (Rotation2D(group_name="d4", seed=2, num_tasks=50), 24),
+        (ExactGrid2D(group_name="c4", seed=2, num_tasks=50), 12),
+        (ExactGrid2D(group_name="d4", seed=2, num_tasks=50), 24),
         (Steerable2D(group_name="c8", seed=2, num_tasks=50), 24),
         (Steerable2D(group_name="d8", seed=2, num_tasks=50), 48),
     ],
@@ -43,7 +43,7 @@ def test_steerable_tasks_have_the_paper_statistics(group, variance):
 
 
 def test_tasks_differ_and_repeat():
-    data = Rotation2D(group_name="d4", num_tasks=20)
+    data = ExactGrid2D(group_name="d4", num_tasks=20)
     (first, coefficients), (again, _) = data.tasks(torch.arange(3)), data.tasks(torch.tensor([2]))
     assert torch.equal(first.y_query[2], again.y_query[0])
     assert not torch.allclose(coefficients[0], coefficients[1])
@@ -54,13 +54,19 @@ def test_tasks_differ_and_repeat():
 @pytest.mark.parametrize(
     "factory, kwargs, message",
     [
-        (Rotation2D, {"group_name": "c8"}, "exact-grid data needs a group that maps the pixel"),
-        (Rotation2D, {"group_name": "q4"}, "unknown group 'q4'"),
-        (Rotation2D, {"filters": 0}, "filters must be a positive integer, got 0"),
-        (Rotation2D, {"kernel_size": 5, "image_size": 4}, "kernel_size=5 > image_size=4"),
+        (ExactGrid2D, {"group_name": "c8"}, "exact-grid data needs a group that maps the pixel"),
+        (ExactGrid2D, {"group_name": "q4"}, "unknown group 'q4'"),
+        (ExactGrid2D, {"filters": 0}, "filters must be a positive integer, got 0"),
+        (ExactGrid2D, {"kernel_size": 5, "image_size": 4}, "kernel_size=5 > image_size=4"),
         (Steerable2D, {"kernel_size": 4}, "kernel_size must be odd, got 4"),
     ],
 )
 def test_bad_arguments(factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
         factory(**kwargs)
+
+
+def test_the_old_name_rotation2d_still_imports_with_a_deprecation_line():
+    with pytest.warns(DeprecationWarning, match="Rotation2D is now ExactGrid2D"):
+        from synthetic.rotation2d import Rotation2D
+    assert Rotation2D is ExactGrid2D
