@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nargs="+",
         choices=GROUPS,
         default=list(STEERABLE_GROUPS),
-        help="c8 / d8: the paper's steerable data (default); c4 / d4: the exact-grid variant",
+        help="c8 / d8: the paper's steerable data; c4 / d4: the exact-grid variant",
     )
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the learners"
