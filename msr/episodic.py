@@ -1,8 +1,8 @@
 """Episodic meta-learners: a meta-batch of tasks, run vmapped or per task, with one interface.
 
 A learner defines a pure per-task function ``_query(state, x_support, y_support, x_query,
-y_query, metrics, batched)`` of its (possibly detached) ``state``; this base class runs it over a
-meta-batch, either as one ``vmap``-ed computation (``batched=True``) or as a loop that
+y_query, metrics, in_vmap)`` of its (possibly detached) ``state``; this base class runs it over a
+meta-batch, either as one ``vmap``-ed computation (``in_vmap=True``) or as a loop that
 backpropagates after each task, for training (``meta_backward``) and for scoring (``evaluate``).
 """
 
@@ -109,11 +109,11 @@ class EpisodicLearner(nn.Module):
         x_query: Tensor,
         y_query: Tensor,
         metrics: Mapping[str, LossFn],
-        batched: bool,
+        in_vmap: bool,
     ) -> dict[str, Tensor]:
         """One task's query ``"loss"`` and extra metrics; pure in ``state`` and the task.
 
-        ``batched`` says whether it runs inside ``vmap`` (where only ``torch.func`` transforms
+        ``in_vmap`` says whether it runs inside ``vmap`` (where only ``torch.func`` transforms
         apply) or alone (where plain autograd is cheaper).
         """
         raise NotImplementedError
@@ -141,7 +141,7 @@ class EpisodicLearner(nn.Module):
     def _run(
         self, tasks: TaskBatch, detach: bool, metrics: Mapping[str, LossFn], chunk_size: int | None
     ) -> dict[str, Tensor]:
-        query = functools.partial(self._query, metrics=metrics, batched=True)
+        query = functools.partial(self._query, metrics=metrics, in_vmap=True)
         per_task = vmap(query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)
         return per_task(self._state(detach), *tasks)
 
@@ -160,7 +160,7 @@ class EpisodicLearner(nn.Module):
         state = self._state(detach=False)
         return torch.stack(
             [
-                self._query(state, *tasks.task(i), {}, batched=False)["loss"]
+                self._query(state, *tasks.task(i), {}, in_vmap=False)["loss"]
                 for i in range(tasks.num_tasks)
             ]
         )
@@ -180,7 +180,7 @@ class EpisodicLearner(nn.Module):
         losses = []
         for index in range(tasks.num_tasks):
             state = self._state(detach=False)
-            loss = self._query(state, *tasks.task(index), {}, batched=False)["loss"]
+            loss = self._query(state, *tasks.task(index), {}, in_vmap=False)["loss"]
             (loss / tasks.num_tasks).backward()
             losses.append(loss.detach())
         return torch.stack(losses)
@@ -207,7 +207,7 @@ class EpisodicLearner(nn.Module):
         rows = []
         for index in range(tasks.num_tasks):  # no graph outlives its task: memory flat in tasks
             with torch.no_grad():
-                row = self._query(state, *tasks.task(index), metrics, batched=False)
+                row = self._query(state, *tasks.task(index), metrics, in_vmap=False)
             rows.append({k: v.detach() for k, v in row.items()})
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 

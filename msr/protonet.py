@@ -65,7 +65,7 @@ class ProtoNet(EpisodicLearner):
         x_query: Tensor,
         y_query: Tensor,
         metrics: Mapping[str, LossFn],
-        batched: bool,
+        in_vmap: bool,
     ) -> dict[str, Tensor]:
         logits = self.logits(state, x_support, y_support, x_query)
         return self._scores(logits, y_query, metrics)

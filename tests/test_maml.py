@@ -61,7 +61,7 @@ def test_outer_gradient_wrt_U_matches_finite_differences():
         state["0.U"] = u
         return torch.stack(
             [
-                maml._query((state, lrs), *tasks.task(i), {}, batched=False)["loss"]
+                maml._query((state, lrs), *tasks.task(i), {}, in_vmap=False)["loss"]
                 for i in range(tasks.num_tasks)
             ]
         ).mean()
