@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from experiments.rundir import (
     write_error_reason,
 )
 from msr import viz
+from msr._files import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -171,38 +171,16 @@ def provenance(seed: int | list[int], preset: str) -> dict[str, Any]:
     }
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file under this process's umask
-
-
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a synced temporary file and a rename, so that a reader (or a
-    crash, or a stop) never sees a half-written file. The file follows the umask like any
-    other output. If the write fails (e.g. the disk is full) the previous ``path`` stays as it
-    was and ``WriteFailedError`` says so."""
+    """Write ``path`` through a synced temporary file and a rename (``write_atomically``), so
+    that a reader (or a crash, or a stop) never sees a half-written file. The file follows the
+    umask like any other output. If the write fails (e.g. the disk is full) the previous
+    ``path`` stays as it was and ``WriteFailedError`` says so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(path, write)
     except OSError as error:
         raise describe_write_error(path, error) from error
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        raise describe_write_error(path, error) from error
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(
@@ -266,28 +244,39 @@ def _feed(digest: Any, value: Any) -> None:
 def save_checked(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` a dict atomically, with the ``content_digest`` of its fields stored beside
     them, so that ``load_checked`` notices any change (a flipped bit, a truncation)."""
-    if CHECKSUM_KEY in payload:
-        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
-    checked = {**payload, CHECKSUM_KEY: content_digest(payload)}
+    checked = _with_checksum(payload)
     atomic_write(path, lambda stream: torch.save(checked, stream))
 
 
 def load_checked(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A dict written by ``save_checked``: loaded safely (``load_torch_file``), its checksum
     verified; a mismatch, or a file without one, is a ``RunError`` naming the file."""
-    saved = load_torch_file(path, map_location)
+    return _verified(
+        path,
+        load_torch_file(path, map_location),
+        absent="holds no checksum: not a checkpoint or model file of this project, or one "
+        "written before they were checksummed, so it cannot be verified",
+        changed="is corrupt: its contents do not match the SHA-256 checksum stored in it "
+        "(a changed or damaged file); it was not used",
+    )
+
+
+def _with_checksum(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with its ``content_digest`` under ``CHECKSUM_KEY``."""
+    if CHECKSUM_KEY in payload:
+        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
+    return {**payload, CHECKSUM_KEY: content_digest(payload)}
+
+
+def _verified(path: Path, saved: Any, absent: str, changed: str) -> dict[str, Any]:
+    """What ``_with_checksum`` stored, without its checksum, once the checksum matches; a
+    ``RunError`` "``path`` ``absent``" without one, "``path`` ``changed``" on a mismatch."""
     if not isinstance(saved, dict) or not isinstance(saved.get(CHECKSUM_KEY), str):
-        raise RunError(
-            f"{path} holds no checksum: not a checkpoint or model file of this project, or one "
-            "written before they were checksummed, so it cannot be verified"
-        )
-    stored = saved.pop(CHECKSUM_KEY)
-    if content_digest(saved) != stored:
-        raise RunError(
-            f"{path} is corrupt: its contents do not match the SHA-256 checksum stored in it "
-            "(a changed or damaged file); it was not used"
-        )
-    return saved
+        raise RunError(f"{path} {absent}")
+    payload = {key: value for key, value in saved.items() if key != CHECKSUM_KEY}
+    if content_digest(payload) != saved[CHECKSUM_KEY]:
+        raise RunError(f"{path} {changed}")
+    return payload
 
 
 def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -326,27 +315,20 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     ``CHECKSUM_KEY``: a resumed run builds on the runs in it, so ``read_results`` refuses a file
     that was edited or damaged since."""
     stored = json.loads(json.dumps(results))  # as JSON gives it back: tuples are lists
-    stored.pop(CHECKSUM_KEY, None)
-    write_json_atomic(path, {**stored, CHECKSUM_KEY: content_digest(stored)})
+    write_json_atomic(path, _with_checksum(stored))
 
 
 def read_results(path: Path) -> dict[str, Any]:
     """A results.json written by ``write_results``, its checksum verified (without it); a
     missing, unreadable, foreign or changed file is a ``RunError`` naming it."""
-    results = read_json(path)
-    if not isinstance(results, dict) or not isinstance(results.get(CHECKSUM_KEY), str):
-        raise RunError(
-            f"{path} is not a results file of these drivers (no {CHECKSUM_KEY} checksum: a "
-            "foreign file, or one written before results were checksummed)"
-        )
-    if content_digest({k: v for k, v in results.items() if k != CHECKSUM_KEY}) != results.pop(
-        CHECKSUM_KEY
-    ):
-        raise RunError(
-            f"{path} was changed after its run wrote it (its contents do not match the SHA-256 "
-            "checksum stored in it); it was not used"
-        )
-    return results
+    return _verified(
+        path,
+        read_json(path),
+        absent=f"is not a results file of these drivers (no {CHECKSUM_KEY} checksum: a foreign "
+        "file, or one written before results were checksummed)",
+        changed="was changed after its run wrote it (its contents do not match the SHA-256 "
+        "checksum stored in it); it was not used",
+    )
 
 
 def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:

@@ -332,9 +332,8 @@ def _train(
         # The same run, but --steps may grow (to continue a finished run for longer) down to
         # the step the checkpoint reached: a shorter run would be labelled with fewer steps
         # than its model was trained for.
-        saved_config = {**state["config"], "steps": cfg.steps}
-        theirs, ours = {"run": state["run"], "config": saved_config}, {"run": run_identity}
-        if different := differences(theirs, {**ours, "config": asdict(cfg)}):
+        theirs = {"run": state["run"], "config": {**state["config"], "steps": cfg.steps}}
+        if different := differences(theirs, {"run": run_identity, "config": asdict(cfg)}):
             raise RunError(
                 f"{checkpoint} belongs to another run; differing (theirs, ours): {different}"
             )

@@ -151,7 +151,8 @@ def adapted_translation_equivariance_error(
     """Mean ``translation_equivariance_error`` of the weight that ``adapt(x, y)`` (e.g.
     ``MAML.adapt``) gives on the support sets of the first ``count`` tasks: the symmetry the
     whole adapted layer has, not only span(U)."""
-    weights = [adapt(tasks.x_support[i], tasks.y_support[i]).weight for i in range(count)]
+    tasks_scored = range(min(count, tasks.num_tasks))
+    weights = [adapt(tasks.x_support[i], tasks.y_support[i]).weight for i in tasks_scored]
     return float(sum(translation_equivariance_error(w) for w in weights) / len(weights))
 
 

@@ -9,14 +9,14 @@ Every function returns a matplotlib ``Figure``; ``save`` writes one and closes i
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from msr._files import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -116,28 +116,12 @@ def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        write_atomically(
+            path, lambda stream: fig.savefig(stream, dpi=dpi, format=path.suffix[1:] or None)
         )
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                fig.savefig(stream, dpi=dpi, format=path.suffix[1:] or None)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
     finally:
         _pyplot().close(fig)
     return path
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _pyplot():  # the module, imported only when a figure is drawn

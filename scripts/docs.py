@@ -34,12 +34,13 @@ DOTTED = re.compile(r"\bmsr(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def modules() -> list[ModuleType]:
-    """``msr`` and every submodule."""
+    """``msr`` and every public submodule (none whose name starts with ``_``)."""
     import msr
 
     found = [msr]
     for info in pkgutil.walk_packages(msr.__path__, prefix="msr."):
-        found.append(importlib.import_module(info.name))
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            found.append(importlib.import_module(info.name))
     return found
 
 
