@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from experiments.common import REPO_ROOT, keep_freed_memory, resolve_device
-from experiments.few_shot import DEFAULT_DATA, PRESETS, FewShotConfig, build_learner, load_split
+from experiments.cli import resolve_device, reuse_freed_memory
+from experiments.few_shot import DEFAULT_DATA, build_learner, load_splits
+from experiments.presets import FEW_SHOT, FewShotConfig
+from experiments.rundir import REPO_ROOT
 from msr import TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.streams import keyed_generator
@@ -46,18 +48,18 @@ SCALED = {"hidden": 16, "meta_batch": 4, "queries": 5}
 
 def benchmark_config(device: torch.device, full: bool) -> FewShotConfig:
     """The paper preset's setting; on the CPU scaled down (``SCALED``) unless ``full``."""
-    paper = PRESETS["omniglot"]["paper"]
+    paper = FEW_SHOT["omniglot"]["paper"]
     return paper if full or device.type == "cuda" else replace(paper, **SCALED)
 
 
 def setting_name(cfg: FewShotConfig) -> str:
     """How the reports name ``cfg``: the paper setting, or the scaled one."""
-    return "paper setting" if cfg == PRESETS["omniglot"]["paper"] else f"scaled setting {SCALED}"
+    return "paper setting" if cfg == FEW_SHOT["omniglot"]["paper"] else f"scaled setting {SCALED}"
 
 
 def omniglot_train(device: torch.device) -> ImageClasses:
     """The Omniglot training classes the benchmarks sample from, put on ``device`` once."""
-    return load_split("omniglot", DEFAULT_DATA["omniglot"], "train", 28).to(device)
+    return load_splits("omniglot", DEFAULT_DATA["omniglot"], 28, device)[0]
 
 
 def episodes(
@@ -149,10 +151,10 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
     device = resolve_device(args.device)
-    paper = PRESETS["omniglot"]["paper"]
+    paper = FEW_SHOT["omniglot"]["paper"]
     cfg = benchmark_config(device, args.full)
     if args.one:
-        keep_freed_memory()  # as the drivers run
+        reuse_freed_memory()  # as the drivers run
         ms, peak = measure(*args.one, cfg, device, args.repeats)
         print(json.dumps({"ms": ms, "peak_mib": peak}))
         return

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from experiments.common import REPO_ROOT
+from experiments.rundir import REPO_ROOT
 from experiments.synthetic import build_model
 from msr import MAML, MSRLinear, TaskBatch
 from msr.reference import higher_meta_backward

@@ -42,8 +42,9 @@ from benchmarks.few_shot_step import (
     omniglot_train,
     setting_name,
 )
-from experiments.common import resolve_device
-from experiments.few_shot import FewShotConfig, build_learner
+from experiments.cli import resolve_device
+from experiments.few_shot import build_learner
+from experiments.presets import FewShotConfig
 from msr import TaskBatch
 from msr.data import ImageClasses
 

@@ -1,26 +1,443 @@
-"""The one meta-training loop every experiment runs (``outer_steps``).
+"""The one engine every experiment runs on: jobs, the meta-training loop, results.
 
-A driver says which meta-batch each step trains on, what to do between steps (score, log,
-checkpoint) and what to keep when a stop arrives; the loop does the steps: the stop check
-(agreed between ranks under ``torchrun``), the meta-batch (each rank trains on its shard),
-the outer gradient, the divergence check, the all-reduce and the optimizer and schedule steps.
+An experiment (``Experiment``: one small file per table) says which jobs a command line asks
+for, and for each job which data, which model and which metrics (a ``Plan``). The engine does
+the rest, the same way for every experiment:
+
+- ``main``: parse the command line (``experiments.cli.parse``), hold ``--out``, run the jobs
+  (``run_jobs``: one per tag combination and seed, in this process or in ``--workers``
+  processes), write results.json after every job, print the tables.
+- ``fit``: the meta-training of one job: the meta-batch of step ``s`` from a stream keyed by
+  (seed, s), ``outer_steps`` (the only place where outer steps happen), a probe logged every
+  ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps and at a stop.
+- One resume rule: ``--resume`` keeps the finished jobs in results.json and continues every
+  other job from its checkpoint, bit for bit; a run of another preset, seed, config or commit
+  is refused, naming the differing fields; ``--steps`` may grow (a finished job then trains on).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+import multiprocessing
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import scipy.stats
 import torch
 import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
 
-from experiments.rundir import Stopped, requested_stop
-from msr import EpisodicLearner, TaskBatch
+from experiments.cli import (
+    Stopped,
+    parse,
+    raise_if_stopped,
+    reuse_freed_memory,
+    stop_signal,
+)
+from experiments.presets import RunConfig
+from experiments.rundir import RunError, claim_output
+from experiments.runfiles import (
+    MetricsLog,
+    differences,
+    keep_lines,
+    load_checked,
+    load_model,
+    provenance,
+    read_results,
+    save_checked,
+    save_figure,
+    write_results,
+)
+from msr import MAML, EpisodicLearner, TaskBatch
 from msr.distributed import average_gradients, shard_tasks
+from msr.streams import keyed_generator
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Tags = dict[str, Any]  # what names a job, e.g. {"method": "MSR-FC", "k": 1, "seed": 0}
 
 
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite (the run, or a sweep candidate, diverged)."""
+
+
+@dataclass
+class Plan:
+    """One job, ready to train: what an experiment hands the engine."""
+
+    learner: EpisodicLearner
+    meta_batch: Callable[[torch.Generator], TaskBatch]  # training tasks from a step's stream
+    probe: Callable[[], dict[str, float]]  # scored and logged every ``eval_every`` steps
+    result: Callable[[], dict[str, Any]]  # the job's results.json fields, after training
+    draw: Callable[[dict[str, Any]], Figure | None] | None = None  # its U_<job>.png
+    stream_device: torch.device | str = "cpu"  # where the steps' streams draw
+
+
+class Experiment:
+    """Which data, which model and which metrics: one subclass per table (see ``engine``)."""
+
+    name: str  # experiments.<name>, and the "driver" of its model files
+    description: str
+    presets: Mapping[str, RunConfig]
+    config_type: type[RunConfig] = RunConfig
+    default_preset = "quick"
+    metric = "mse"  # the results field averaged over seeds
+    metric_label = "MSE"  # its name in the printed tables
+    draws_figures = True
+
+    @property
+    def preset_names(self) -> list[str]:
+        return list(self.presets)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The experiment's own flags (which methods, which data)."""
+
+    def check_arguments(self, args: argparse.Namespace) -> None:
+        """Refuse a bad combination of flags (``ValueError``: a usage error)."""
+
+    def config(self, args: argparse.Namespace) -> RunConfig:
+        """The preset the command line names."""
+        return self.presets[args.preset]
+
+    def check(self, args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> None:
+        """Check the inputs (e.g. load the data) before ``--out`` is touched (``RunError``)."""
+
+    def jobs(self, args: argparse.Namespace) -> list[Tags]:
+        """The tags of every job the command line asks for, without the seed."""
+        raise NotImplementedError
+
+    def job_name(self, tags: Tags) -> str:
+        """The job's part of its file names (model_<name>.pt, U_<name>.png)."""
+        return "_".join(str(v) for k, v in tags.items() if k != "seed") + f"_s{tags['seed']}"
+
+    def tune(
+        self,
+        tags: Tags,
+        cfg: RunConfig,
+        device: torch.device,
+        advance: Callable[[int], None],
+    ) -> tuple[RunConfig, dict[str, Any]]:
+        """Choose hyper-parameters before training (on training tasks only): the job's config
+        and what to record of the choice. Repeated on resume (it is seeded)."""
+        return cfg, {}
+
+    def tuning_steps(self, tags: Tags, cfg: RunConfig) -> int:
+        """The outer steps ``tune`` takes (for the progress bar)."""
+        return 0
+
+    def plan(
+        self, tags: Tags, cfg: RunConfig, args: argparse.Namespace | None, device: torch.device
+    ) -> Plan:
+        """The job's learner, data and metrics (``args`` is None when redrawing a figure)."""
+        raise NotImplementedError
+
+    def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+        """The lines printed after the run (tables); may add summary fields to ``results``."""
+        return []
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t confidence interval over independent values."""
+    values = values.detach().double().flatten()
+    count = values.numel()
+    if count < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {count}")
+    sem = values.std(unbiased=True).item() / math.sqrt(count)
+    return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
+
+
+def build_maml(model: torch.nn.Module, cfg: RunConfig, **options: Any) -> MAML:
+    """MAML with the preset's inner loop and learned per-tensor inner lrs (second order unless
+    ``options`` say otherwise)."""
+    return MAML(
+        model,
+        inner_steps=cfg.inner_steps,
+        inner_lr=cfg.inner_lr,
+        batching=cfg.batching,  # type: ignore[arg-type]
+        **options,
+    )
+
+
+def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``experiment`` as its command line asks; its results.json contents."""
+    args, cfg, device = parse(experiment, argv)
+    reuse_freed_memory()
+    experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
+    with claim_output(args.out, args.resume, args.overwrite):
+        results = run_jobs(experiment, args, cfg, device)
+        lines = experiment.report(results, args)
+        write_results(args.out / "results.json", results)
+    devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
+    print(
+        f"\nMeta-test {experiment.metric_label} ± 95% CI over {cfg.test_tasks} held-out tasks "
+        f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
+        f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on {devices}, "
+        f"wall {results['wall_s']:.0f} s):\n"
+    )
+    if len(args.seeds) > 1:
+        print(seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
+    print("\n".join(lines))
+    print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
+    return results
+
+
+def run_jobs(
+    experiment: Experiment, args: argparse.Namespace, cfg: RunConfig, device: torch.device
+) -> dict[str, Any]:
+    """Run every job (its tags and each seed) under one progress bar, logging to
+    ``args.out/metrics.jsonl``; results.json is rewritten (atomically) after every job, so
+    finished jobs survive a crash. With ``--resume`` the finished jobs are kept and the others
+    continue from their checkpoints (``fit``); every job seeds itself, so the outcome equals an
+    uninterrupted run's. With ``args.workers`` > 1 the jobs run in that many processes (one
+    thread each), with the same results; their metrics lines interleave."""
+    jobs = [{**tags, "seed": seed} for seed in args.seeds for tags in experiment.jobs(args)]
+    keys = list(jobs[0])
+    metrics_path, results_path = args.out / "metrics.jsonl", args.out / "results.json"
+    results: dict[str, Any] = {
+        **provenance(args.seeds, args.preset),
+        "config": asdict(cfg),
+        "runs": [],
+        "aggregate": [],
+        "wall_s": 0.0,
+    }
+
+    def key(record: Mapping[str, Any]) -> tuple:
+        return tuple(record.get(k) for k in keys)
+
+    if args.resume:
+        results.update(_resumable(results_path, results, cfg))
+        finished = {key(run) for run in results["runs"]}
+        reached = {  # how far each unfinished job's checkpoint got
+            key(tags): load_checked(path)["step"]
+            for tags in jobs
+            if key(tags) not in finished
+            and (path := _model_path(args.out, experiment, tags)).exists()
+        }
+        keep_lines(
+            metrics_path,
+            lambda record: (
+                key(record) in finished or record["step"] <= reached.get(key(record), -1)
+            ),
+        )
+    else:
+        metrics_path.unlink(missing_ok=True)
+    write_results(results_path, results)  # a stop from here on can --resume
+    order = {key(tags): i for i, tags in enumerate(jobs)}
+    prior_wall, start = results["wall_s"], time.perf_counter()
+
+    def record(entry: dict[str, Any]) -> None:
+        results["runs"].append(entry)  # kept in job order
+        results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
+        results["aggregate"] = aggregate_seeds(results["runs"], keys, experiment.metric)
+        results["wall_s"] = prior_wall + time.perf_counter() - start
+        write_results(results_path, results)
+
+    def steps_of(tags: Tags) -> int:
+        return cfg.steps + experiment.tuning_steps(tags, cfg)
+
+    todo = [tags for tags in jobs if key(tags) not in {key(run) for run in results["runs"]}]
+    board = args.out / "tensorboard" if args.tensorboard else None
+    with tqdm(
+        total=sum(map(steps_of, jobs)),
+        initial=sum(map(steps_of, jobs)) - sum(map(steps_of, todo)),
+        desc=experiment.name,
+        unit="step",
+        disable=dist.is_initialized() and dist.get_rank() > 0,
+    ) as bar:
+        run = functools.partial(run_job, experiment, cfg=cfg, args=args, device=device)
+        if args.workers > 1:
+            _run_in_processes(todo, run, args.workers, (metrics_path, board), record, bar, steps_of)
+        else:
+            with MetricsLog(metrics_path, board) as log:
+                for tags in todo:
+                    bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
+                    record(run(tags, log=log, advance=bar.update))
+    return results
+
+
+def _resumable(path: Path, ours: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """The runs and wall time to keep from ``path``, checked to be this run's (its provenance
+    and config; only ``steps`` may grow), a missing, corrupt or foreign file being a
+    ``RunError``. A job finished at fewer steps than ``cfg.steps`` is not kept: it trains on."""
+    if not path.exists():
+        raise RunError(f"--resume given but {path} does not exist")
+    previous = read_results(path)
+    if not isinstance(previous.get("runs"), list):
+        raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
+    theirs = {k: previous.get(k) for k in ours if k not in ("runs", "aggregate", "wall_s")}
+    if isinstance(theirs.get("config"), dict):
+        theirs["config"] = {**theirs["config"], "steps": cfg.steps}
+    if different := differences(theirs, {k: ours[k] for k in theirs}):
+        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
+    for run in previous["runs"]:
+        if run["steps"] > cfg.steps:
+            raise RunError(
+                f"{path}: a job has trained {run['steps']} steps, more than --steps {cfg.steps}: "
+                "resume with at least as many (or start a new run)"
+            )
+    runs = [run for run in previous["runs"] if run["steps"] == cfg.steps]
+    return {"runs": runs, "wall_s": previous["wall_s"]}
+
+
+def _model_path(out: Path, experiment: Experiment, tags: Tags) -> Path:
+    return out / f"model_{experiment.job_name(tags)}.pt"
+
+
+def run_job(
+    experiment: Experiment,
+    tags: Tags,
+    *,
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    log: MetricsLog,
+    advance: Callable[[int], None],
+) -> dict[str, Any]:
+    """Tune, meta-train and score one job, and draw its figure; its results.json entry."""
+    seed = tags["seed"]
+    tuned, notes = experiment.tune(tags, cfg, device, advance)
+    torch.manual_seed(seed)
+    plan = experiment.plan(tags, tuned, args, device)
+    wall = fit(
+        plan,
+        tuned,
+        seed,
+        tags=tags,
+        log=log,
+        checkpoint=_model_path(args.out, experiment, tags),
+        identity={
+            "driver": experiment.name,
+            "seed": seed,
+            "tags": tags,
+            "preset": args.preset,
+        },
+        advance=advance,
+    )
+    entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
+    entry["device"] = str(device)
+    if plan.draw is not None and (figure := plan.draw(entry)) is not None:
+        save_figure(figure, args.out / f"U_{experiment.job_name(tags)}.png")
+    return entry
+
+
+def fit(
+    plan: Plan,
+    cfg: RunConfig,
+    seed: int,
+    *,
+    tags: Tags | None = None,
+    log: MetricsLog | None = None,
+    checkpoint: Path | None = None,
+    identity: dict[str, Any] | None = None,
+    advance: Callable[[int], None] = lambda steps: None,
+) -> float:
+    """Meta-train ``plan.learner`` for ``cfg.steps`` outer steps with Adam (and the preset's
+    cosine schedule); its training wall seconds.
+
+    Step ``s`` trains on ``plan.meta_batch`` of a stream keyed by (``seed``, ``s``). Every
+    ``cfg.eval_every`` steps and at the last, ``plan.probe()`` is logged with ``tags``; every
+    ``cfg.checkpoint_every`` steps, at the last and at a stop, the learner, optimizer and step
+    go to ``checkpoint`` (the job's model file, with ``identity``: what rebuilds the model).
+    If ``checkpoint`` exists the job continues from it, bit for bit (a stop during a probe
+    leaves the step trained and its probe owed; the resumed job probes it first); a file of
+    another job or config (``identity``, ``cfg`` but ``steps``) is refused.
+    """
+    learner, tags = plan.learner, tags or {}
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
+    state = _load_checkpoint(checkpoint, identity, cfg, learner, optimizer)
+    first = 1 if state is None else state["step"] + 1
+    start = time.perf_counter() - (0.0 if state is None else state["elapsed_s"])
+
+    def save(step: int, unvalidated: float | None = None) -> None:
+        if checkpoint is not None:
+            payload = {
+                **(identity or {}),
+                "config": asdict(cfg),
+                "step": step,
+                "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "elapsed_s": time.perf_counter() - start,
+                "unvalidated": unvalidated,  # the train loss of a step whose probe was cut off
+            }
+            save_checked(checkpoint, payload)
+
+    def probe(step: int, train_loss: float) -> None:
+        try:
+            scores = plan.probe()
+        except Stopped:  # the step is trained: keep it, and owe its probe
+            save(step, unvalidated=train_loss)
+            raise
+        elapsed = time.perf_counter() - start
+        log.write(**tags, step=step, train_loss=train_loss, **scores, elapsed_s=elapsed)
+
+    if state is None:
+        save(0)  # a job stopped before its first checkpoint resumes from here
+    elif state["unvalidated"] is not None and log is not None:
+        probe(state["step"], state["unvalidated"])
+        save(state["step"])
+    advance(first - 1)
+    floor = cfg.outer_lr * cfg.final_lr_fraction
+    for step, train_loss in outer_steps(
+        learner,
+        optimizer,
+        lambda step: plan.meta_batch(keyed_generator(seed, step, plan.stream_device)),
+        range(first, cfg.steps + 1),
+        what=str(tags),
+        kept=f"the last checkpoint ({checkpoint}) and the finished jobs are kept"
+        if checkpoint
+        else "nothing of it is kept",
+        learning_rate=None
+        if cfg.final_lr_fraction == 1
+        else lambda step: (
+            floor + (cfg.outer_lr - floor) * (1 + math.cos(math.pi * (step - 1) / cfg.steps)) / 2
+        ),
+        on_stop=save,
+    ):
+        advance(1)
+        if log is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            probe(step, train_loss)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save(step)
+    return time.perf_counter() - start
+
+
+def _load_checkpoint(
+    path: Path | None,
+    identity: dict[str, Any] | None,
+    cfg: RunConfig,
+    learner: EpisodicLearner,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None if there is none), checked to be this job's, loaded
+    into ``learner`` and ``optimizer``."""
+    if path is None or not path.exists():
+        return None
+    state = load_model(path, map_location=next(learner.parameters()).device)
+    identity = identity or {}
+    theirs = {
+        **{k: state.get(k) for k in identity},
+        "config": {**state["config"], "steps": cfg.steps},
+    }
+    if different := differences(theirs, {**identity, "config": asdict(cfg)}):
+        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
+    if cfg.steps < state["step"]:
+        raise RunError(
+            f"{path} has trained {state['step']} steps, more than --steps {cfg.steps}: resume "
+            "with at least as many (or start a new run)"
+        )
+    learner.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def outer_steps(
@@ -31,11 +448,11 @@ def outer_steps(
     *,
     what: str,
     kept: str,
-    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    learning_rate: Callable[[int], float] | None = None,
     on_stop: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, float]]:
-    """Take one outer step for each of ``steps`` on ``meta_batch(step)``; yield (step, mean
-    training loss) after each, for the caller to score, log or checkpoint in between.
+    """Take one outer step for each of ``steps`` on ``meta_batch(step)`` (at
+    ``learning_rate(step)`` if given); yield (step, mean training loss) after each.
 
     A stop (SIGINT / SIGTERM) is taken before a step: ``on_stop(last finished step)`` runs
     (e.g. to checkpoint it), then ``Stopped`` is raised. A non-finite loss raises
@@ -45,7 +462,7 @@ def outer_steps(
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for step in steps:
-        if signum := (_agreed_stop(learner) if world_size > 1 else requested_stop()):
+        if signum := (_agreed_stop(learner) if world_size > 1 else stop_signal()):
             if on_stop is not None:
                 on_stop(step - 1)
             raise Stopped(signum)
@@ -60,9 +477,10 @@ def outer_steps(
             )
         if world_size > 1:
             average_gradients(learner)
+        if learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
         optimizer.step()
-        if schedule is not None:
-            schedule.step()
         yield step, loss
 
 
@@ -71,6 +489,153 @@ def _agreed_stop(learner: EpisodicLearner) -> int:
     leave the others waiting in the next all-reduce until it fails. The ranks agree on the stop
     (the largest signal number any of them has seen) before each step; often one rank gets it
     alone (a signal sent to one process) or a step later than the others."""
-    seen = torch.tensor([requested_stop()], device=next(learner.parameters()).device)
+    seen = torch.tensor([stop_signal()], device=next(learner.parameters()).device)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX)
     return int(seen.item())
+
+
+def sweep_inner_lr(
+    build: Callable[[float], Plan],
+    cfg: RunConfig,
+    scored: TaskBatch,
+    seed: int,
+    advance: Callable[[int], None] = lambda steps: None,
+) -> tuple[float, dict[str, float | None]]:
+    """Choose the initial inner lr among ``cfg.lr_candidates``: meta-train ``build(lr)`` for
+    ``cfg.sweep_steps`` outer steps from ``seed`` per candidate and score its mean query loss on
+    ``scored`` (*training* tasks, never test tasks). A candidate that diverges scores ``None``.
+
+    Returns (the best candidate, {candidate: score}).
+    """
+    candidates, steps = cfg.lr_candidates, cfg.sweep_steps
+    if not candidates:
+        raise ValueError("the inner-lr sweep needs at least one candidate")
+    scores: dict[str, float | None] = {}
+    for lr in candidates:
+        torch.manual_seed(seed)
+        plan, completed = build(lr), 0
+
+        def counted(steps: int) -> None:
+            nonlocal completed
+            completed += steps
+            advance(steps)
+
+        try:
+            fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
+            score = plan.learner.evaluate(scored)["loss"].mean().item()
+        except NonFiniteLossError:
+            score = math.nan
+            advance(steps - completed)  # the progress bar counts the steps it skips
+        scores[str(lr)] = score if math.isfinite(score) else None
+    finite = [lr for lr in candidates if scores[str(lr)] is not None]
+    if not finite:
+        raise NonFiniteLossError(f"every inner-lr candidate diverged: {scores}")
+    return min(finite, key=lambda lr: scores[str(lr)]), scores
+
+
+def aggregate_seeds(
+    runs: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
+    """One row per job that differs only in its seed (tags ``keys`` but "seed"): the mean of
+    ``metric`` over seeds, its between-seed standard deviation (None for one seed) and the
+    per-seed values, in run order."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        tags = {k: run[k] for k in keys if k != "seed"}
+        row = rows.setdefault(tuple(tags.values()), {**tags, "seeds": [], f"{metric}_per_seed": []})
+        row["seeds"].append(run["seed"])
+        row[f"{metric}_per_seed"].append(run[metric])
+    for row in rows.values():
+        values = row[f"{metric}_per_seed"]
+        row[f"{metric}_mean"] = statistics.fmean(values)
+        row[f"{metric}_std_between_seeds"] = statistics.stdev(values) if len(values) > 1 else None
+    return list(rows.values())
+
+
+def tables_per_seed(
+    runs: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    table: Callable[[list[Mapping[str, Any]]], str],
+) -> list[str]:
+    """``table`` of each seed's runs, under a "Seed N:" heading when there are several seeds."""
+    return [
+        ("" if len(seeds) == 1 else f"\nSeed {seed}:\n")
+        + table([run for run in runs if run["seed"] == seed])
+        for seed in seeds
+    ]
+
+
+def seed_table(aggregate: Sequence[Mapping[str, Any]], metric: str, label: str) -> str:
+    """Markdown: per job (its tags but the seed), ``metric`` (named ``label``) over seeds as
+    'mean ± between-seed standard deviation', and each seed's value."""
+    fields = ("seeds", f"{metric}_per_seed", f"{metric}_mean", f"{metric}_std_between_seeds")
+    tags = [k for k in aggregate[0] if k not in fields] if aggregate else []
+    lines = [
+        "| " + " | ".join([*tags, f"{label} mean ± between-seed std", "per seed"]) + " |",
+        "| --- " * (len(tags) + 2) + "|",
+    ]
+    for row in aggregate:
+        spread = row[fields[3]]
+        mean = f"{row[fields[2]]:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+        pairs = zip(row["seeds"], row[fields[1]], strict=True)
+        seeds = ", ".join(f"{value:.4f} (s{seed})" for seed, value in pairs)
+        lines.append("| " + " | ".join([*(str(row[k]) for k in tags), mean, seeds]) + " |")
+    return "\n".join(lines)
+
+
+Job = Callable[..., dict[str, Any]]
+
+
+def _run_in_processes(
+    todo: Sequence[Tags],
+    run: Job,
+    workers: int,
+    logs: tuple[Path, Path | None],
+    record: Callable[[dict[str, Any]], None],
+    bar: tqdm,
+    steps_of: Callable[[Tags], int],
+) -> None:
+    """Run jobs in a pool of ``workers`` processes; record each entry as it arrives. If a job
+    fails, the jobs not yet started are cancelled, the running ones still recorded, and the
+    first error raised. If the run is stopped (SIGINT, SIGTERM), the workers are ended at once
+    and their jobs left to ``--resume`` (from their checkpoints)."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
+    failure: BaseException | None = None
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    try:
+        futures = {pool.submit(_run_logged, run, tags, *logs): tags for tags in todo}
+        running = set(futures)
+        while running:  # polled, so that a stop is seen while the workers run
+            finished, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    record(future.result())
+                except CancelledError:
+                    continue
+                except Exception as error:  # re-raised below, once the running jobs are recorded
+                    failure = failure or error
+                    for pending in futures:
+                        pending.cancel()
+                bar.update(steps_of(futures[future]))
+            raise_if_stopped()
+    except BaseException:  # stopped: end the workers rather than wait for their jobs
+        workers_alive = list(getattr(pool, "_processes", {}).values())  # no public handle
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers_alive:
+            process.terminate()
+        raise
+    pool.shutdown()
+    if failure is not None:
+        raise failure
+
+
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends us
+    torch.set_num_threads(1)
+    reuse_freed_memory()
+
+
+def _run_logged(run: Job, tags: Tags, metrics_path: Path, board: Path | None) -> dict[str, Any]:
+    """A job in a worker process: its own handle on the shared metrics log (line appends)."""
+    with MetricsLog(metrics_path, board) as log:
+        return run(tags, log=log, advance=lambda steps: None)

@@ -2,10 +2,11 @@
 
     python -m experiments.redraw DIR
 
-For every DIR/model_*.pt written by ``experiments.synthetic`` or ``experiments.rotation``, the
-model is rebuilt from its driver, seed, tags and config, its learned state loaded (with
-``weights_only=True``), and its figure drawn again into DIR, titled with the run's numbers from
-DIR/results.json. Use it after changing the plotting code, or on a run copied from elsewhere.
+For every DIR/model_*.pt of an experiment that draws figures (``experiments.synthetic``,
+``experiments.rotation``), the job's plan is rebuilt from the file's driver, tags and config, its
+learned state loaded (with ``weights_only=True``), and its figure drawn again into DIR, titled
+with the job's numbers from DIR/results.json. Use it after changing the plotting code, or on a
+run copied from elsewhere.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import rotation, synthetic
-from experiments.common import load_model, read_results
-from experiments.rundir import RunError, run_cli
+import torch
 
-DRIVERS = {"synthetic": synthetic.redraw, "rotation": rotation.redraw}
+from experiments import few_shot, rotation, synthetic
+from experiments.cli import run_cli
+from experiments.rundir import RunError
+from experiments.runfiles import load_model, read_results, save_figure
+
+EXPERIMENTS = {e.name: e for e in (synthetic.EXPERIMENT, rotation.EXPERIMENT, few_shot.EXPERIMENT)}
 
 
 def redraw_run(out: Path) -> list[Path]:
@@ -33,17 +37,20 @@ def redraw_run(out: Path) -> list[Path]:
     written = []
     for path in models:
         saved = load_model(path)
-        if saved.get("driver") == "few_shot":
-            continue  # the few-shot driver draws no figures
-        if saved.get("driver") not in DRIVERS:
-            raise RunError(f"{path}: unknown driver {saved.get('driver')!r}")
+        experiment = EXPERIMENTS.get(saved["driver"])
+        if experiment is None:
+            raise RunError(f"{path}: unknown driver {saved['driver']!r}")
+        if not experiment.draws_figures or saved["step"] < saved["config"]["steps"]:
+            continue  # no figure, or a job still training
         tags = saved["tags"]
         entry = next((r for r in runs if all(r.get(k) == v for k, v in tags.items())), None)
         if entry is None:
             raise RunError(f"{path}: no run {tags} in {results}")
-        figure = DRIVERS[saved["driver"]](saved, entry, out)
-        if figure is not None:
-            written.append(figure)
+        cpu = torch.device("cpu")
+        plan = experiment.plan(tags, experiment.config_type(**saved["config"]), None, cpu)
+        plan.learner.load_state_dict(saved["state_dict"])
+        if plan.draw is not None and (figure := plan.draw(entry)) is not None:
+            written.append(save_figure(figure, out / f"U_{experiment.job_name(tags)}.png"))
     return written
 
 

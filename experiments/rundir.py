@@ -1,14 +1,14 @@
-"""A run's output directory and how a driver fails: nothing lost, nothing hidden.
+"""A run's output directory: who may write in it (the files a run writes there:
+``experiments.runfiles``).
 
 - ``claim_output``: a run never replaces an earlier run's files unless told (``--resume`` to
-  continue it, ``--overwrite`` to replace it), and two runs never share a directory (a lock file
-  naming its holder; a lock left by a dead process is taken over).
+  continue it, ``--overwrite`` to replace it), and two runs never share a directory (an
+  ``flock``-ed lock file naming its holder; a lock left by a dead process is taken over).
 - ``RunError``: a problem the user can fix (a bad path, a corrupt or foreign file, a busy
-  directory); ``run_cli`` prints it as one line and exits with status 2, without a traceback.
-- SIGINT and SIGTERM stop a run at its next safe point (``check_stop``, between outer steps;
-  every file is written atomically), with a message and status 130 / 143; ``--resume`` then
-  continues where the files say. A second signal stops it at once.
-- A write that fails (e.g. a full disk) leaves the previous file intact and says so (status 1).
+  directory), shown by ``experiments.cli.run_cli`` as one line; a write that fails (e.g. a full
+  disk) leaves the previous file intact and says so (``WriteFailedError``).
+
+No torch here: a start that only claims its folder (or is refused) is quick.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ import fcntl
 import fnmatch
 import os
 import shutil
-import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # What a driver writes into its --out; --overwrite removes these (and nothing else).
 RUN_OUTPUTS = (
     "results.json",
     "metrics.jsonl",
-    "checkpoint.pt",
+    "checkpoint*.pt",
     "model_*.pt",
     "U_*.png",
     "tensorboard",
@@ -45,17 +45,6 @@ class RunError(Exception):
 
 class WriteFailedError(RunError):
     """An output file could not be written; the previous version is intact. Exit status 1."""
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM asked the run to stop (raised by ``check_stop`` at a safe point)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signal.Signals(signum)
-
-
-_stop_requested = 0  # the signal that asked the run to stop (0: none), until it stops
 
 
 @contextmanager
@@ -179,64 +168,6 @@ def _release_lock(path: Path) -> None:
     if descriptor is not None:
         path.unlink(missing_ok=True)
         os.close(descriptor)
-
-
-def run_cli(main: Callable[[], Any], prog: str) -> None:
-    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a failed
-    write); SIGINT / SIGTERM -> a message, status 130 / 143."""
-    try:
-        with deferred_stops():
-            main()
-    except WriteFailedError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except RunError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Stopped as stop:
-        print(
-            f"\n{prog}: stopped by {stop.signum.name}; the files in --out are consistent (the "
-            "finished runs, and the last checkpoint where the driver keeps one): run the same "
-            "command with --resume to continue",
-            file=sys.stderr,
-        )
-        sys.exit(128 + stop.signum)
-
-
-@contextmanager
-def deferred_stops() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM are recorded rather than raised where they land, and
-    ``check_stop`` raises ``Stopped`` at the next safe point. An exception raised at an arbitrary
-    bytecode can land inside torch's own machinery (e.g. while ``vmap`` enters a level) and
-    leave it broken, hiding the stop behind an internal error. A second signal raises at once."""
-    global _stop_requested
-
-    def request(signum: int, frame: object) -> None:
-        global _stop_requested
-        if _stop_requested:
-            raise Stopped(signum)
-        _stop_requested = signum
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, request)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _stop_requested = 0
-
-
-def check_stop() -> None:
-    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop (see ``deferred_stops``)."""
-    if _stop_requested:
-        raise Stopped(_stop_requested)
-
-
-def requested_stop() -> int:
-    """The signal that asked the run to stop, 0 if none did."""
-    return _stop_requested
 
 
 def describe_write_error(path: Path, error: OSError) -> WriteFailedError:

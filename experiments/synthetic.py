@@ -4,45 +4,27 @@
         --out DIR
 
 Trains each (method, k) with second-order MAML on the same streamed tasks, evaluates on 300 fixed
-held-out tasks, and writes DIR/metrics.jsonl (as it goes), DIR/results.json,
-DIR/model_<method>_k<k>.pt (what each run learned) and DIR/U_<method>_k<k>.png (the learned
-sharing pattern and the adapted weight of a test task; ``python -m experiments.redraw DIR``
-redraws them from the model files), then prints a Markdown table beside the paper's numbers.
-Data, models and protocol: ``shared/reference/msr_facts.md``.
+held-out tasks, and writes (through ``experiments.engine``) DIR/metrics.jsonl, DIR/results.json,
+DIR/model_<method>_k<k>_s<seed>.pt and DIR/U_<method>_k<k>_s<seed>.png (the learned sharing
+pattern and the adapted weight of a test task), then prints a Markdown table beside the paper's
+numbers. Data, models and protocol: ``shared/reference/msr_facts.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from experiments.common import (
-    DefaultsHelpFormatter,
-    MetricsLog,
-    keep_freed_memory,
-    save_figure,
-    save_model,
-    write_results,
-)
-from experiments.rundir import claim_output, run_cli
-from experiments.training import (
-    TrainConfig,
-    add_run_arguments,
-    build_maml,
-    meta_train,
-    resolve_config,
-    resume_from,
-    run_jobs,
-    seed_table,
-    summary_header,
-)
-from msr import MAML, MSRLinear, TaskBatch, bases, viz
+from experiments import engine
+from experiments.cli import run_cli
+from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95, tables_per_seed
+from experiments.presets import SYNTHETIC, RunConfig
+from msr import MSRLinear, bases, viz
 from msr.symmetry import (
     adapted_translation_equivariance_error,
     orthonormal_basis,
@@ -68,16 +50,6 @@ PAPER_TABLE1: dict[str, dict[int, tuple[float, float]]] = {
 }
 
 
-PRESETS = {
-    # the paper's protocol, run long enough to converge (1,000 steps is not), lr annealed at the end
-    "paper": TrainConfig(steps=8000, eval_every=500, final_lr_fraction=0.01),
-    # the README's main job: the same protocol, shorter
-    "quick": TrainConfig(steps=1500, eval_every=500),
-    # for the end-to-end test only
-    "tiny": TrainConfig(steps=6, eval_every=3, test_tasks=10, meta_batch=4),
-}
-
-
 def build_model(method: str, k: int, data: Translation1D) -> nn.Module:
     """The single 70->68 layer of each method (bias-free); the baselines are frozen-U MSRLinear."""
     n_in, n_out = data.in_length, data.out_length
@@ -94,84 +66,74 @@ def build_model(method: str, k: int, data: Translation1D) -> nn.Module:
     raise ValueError(f"unknown method {method!r}; expected one of {CHOICES}")
 
 
-def symmetry_scores(
-    layer: MSRLinear, maml: MAML, data: Translation1D, test: TaskBatch
-) -> dict[str, float]:
-    """How well span(U) recovers the generator's sharing basis, and how equivariant W is."""
-    return {
-        **recovery_scores(layer.U, data.true_basis()),
-        "translation_equivariance_error": adapted_translation_equivariance_error(maml.adapt, test),
-    }
+class Synthetic(Experiment):
+    """Table 1: one 70 -> 68 linear layer per method, on 1-D tasks of rank k."""
 
+    name = "synthetic"
+    description = __doc__.split("\n")[0]
+    presets = SYNTHETIC
 
-def run_one(
-    method: str,
-    k: int,
-    cfg: TrainConfig,
-    seed: int,
-    out: Path,
-    device: torch.device,
-    log: MetricsLog,
-    advance: Callable[[int], None],
-) -> dict[str, Any]:
-    """Meta-train one method on one data set on ``device``; return its results.json entry."""
-    torch.manual_seed(seed)
-    data = Translation1D(k, seed=seed, device=device)
-    test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
-    maml = build_maml(build_model(method, k, data).to(device), cfg)
-    tags = {"method": method, "k": k, "seed": seed}
-    mse, ci95, wall = meta_train(maml, data, test, cfg, seed, log, advance, **tags)
-    paper_mse, paper_ci95 = PAPER_TABLE1.get(method, {}).get(k, (None, None))
-    entry: dict[str, Any] = {
-        **tags,
-        "mse": mse,
-        "ci95": ci95,
-        "paper_mse": paper_mse,
-        "paper_ci95": paper_ci95,
-        "steps": cfg.steps,
-        "wall_s": wall,
-        "device": str(device),
-    }
-    if method in LEARNED_U:
-        entry["symmetry"] = symmetry_scores(maml.model, maml, data, test)
-    save_model(out / f"model_{_name(entry)}.pt", maml, "synthetic", seed, tags, cfg)
-    draw_figure(maml, entry, data, test, test_coefficients, out)
-    return entry
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--methods",
+            nargs="+",
+            choices=CHOICES,
+            default=list(METHODS),
+            help=f"default: the paper's four; {ORACLE} adds the attainable-floor reference",
+        )
+        parser.add_argument(
+            "--k", nargs="+", type=int, choices=RANKS, default=list(RANKS), help="the data's ranks"
+        )
 
+    def jobs(self, args: argparse.Namespace) -> list[Tags]:
+        return [{"method": method, "k": k} for k in args.k for method in args.methods]
 
-def draw_figure(
-    maml: MAML,
-    entry: dict[str, Any],
-    data: Translation1D,
-    test: TaskBatch,
-    test_coefficients: torch.Tensor,
-    out: Path,
-) -> Path:
-    """DIR/U_<method>_k<k>_s<seed>.png: span(U)'s strongest directions, the weight adapted to
-    the first test task and that task's true weight."""
-    method, k = entry["method"], entry["k"]
-    figure = viz.plot_sharing(
-        maml.model.U if method in LEARNED_U else None,
-        adapted_weight=maml.adapt(test.x_support[0], test.y_support[0]).weight,
-        true_weight=data.weights(test_coefficients[0]),
-        title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
-    )
-    return save_figure(figure, out / f"U_{_name(entry)}.png")
+    def job_name(self, tags: Tags) -> str:
+        return f"{tags['method']}_k{tags['k']}_s{tags['seed']}"
 
+    def plan(
+        self, tags: Tags, cfg: RunConfig, args: argparse.Namespace | None, device: torch.device
+    ) -> Plan:
+        method, k = tags["method"], tags["k"]
+        data = Translation1D(k, seed=tags["seed"], device=device)
+        test, coefficients = data.tasks(data.test_indices(cfg.test_tasks))
+        maml = build_maml(build_model(method, k, data).to(device), cfg)
 
-def _name(entry: dict[str, Any]) -> str:
-    return f"{entry['method']}_k{entry['k']}_s{entry['seed']}"
+        def probe() -> dict[str, float]:
+            mse, ci95 = mean_ci95(maml.evaluate(test)["loss"])
+            return {"test_mse": mse, "test_ci95": ci95}
 
+        def result() -> dict[str, Any]:
+            scores = probe()
+            paper_mse, paper_ci95 = PAPER_TABLE1.get(method, {}).get(k, (None, None))
+            entry = {"mse": scores["test_mse"], "ci95": scores["test_ci95"]}
+            entry |= {"paper_mse": paper_mse, "paper_ci95": paper_ci95}
+            if method in LEARNED_U:  # how well span(U) recovers the generator's basis
+                entry["symmetry"] = {
+                    **recovery_scores(maml.model.U, data.true_basis()),
+                    "translation_equivariance_error": adapted_translation_equivariance_error(
+                        maml.adapt, test
+                    ),
+                }
+            return entry
 
-def redraw(saved: dict[str, Any], entry: dict[str, Any], out: Path) -> Path:
-    """Redraw a finished run's figure from its model file (``experiments.redraw``)."""
-    method, k = saved["tags"]["method"], saved["tags"]["k"]
-    cfg = TrainConfig(**saved["config"])
-    data = Translation1D(k, seed=saved["seed"])
-    maml = build_maml(build_model(method, k, data), cfg)
-    maml.load_state_dict(saved["state_dict"])
-    test, test_coefficients = data.tasks(data.test_indices(cfg.test_tasks), support=cfg.support)
-    return draw_figure(maml, entry, data, test, test_coefficients, out)
+        def draw(entry: dict[str, Any]) -> Any:
+            """span(U)'s strongest directions, the weight adapted to the first test task and
+            that task's true weight."""
+            return viz.plot_sharing(
+                maml.model.U if method in LEARNED_U else None,
+                adapted_weight=maml.adapt(test.x_support[0], test.y_support[0]).weight,
+                true_weight=data.weights(coefficients[0]),
+                title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
+            )
+
+        train_tasks = functools.partial(data.sample_train, cfg.meta_batch)
+        return Plan(maml, train_tasks, probe, result, draw)
+
+    def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+        results["oracle_floor"] = oracle_floor(results["runs"])
+        lines = tables_per_seed(results["runs"], args.seeds, markdown_table)
+        return lines + recovery_lines(results["runs"]) + floor_lines(results["oracle_floor"])
 
 
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
@@ -184,10 +146,7 @@ def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
         "| --- |" + " --- |" * len(ks),
     ]
     for method in methods:
-        row = []
-        for k in ks:
-            r = cells.get((method, k))
-            row.append("" if r is None else _cell(r))
+        row = [_cell(cells[method, k]) if (method, k) in cells else "" for k in ks]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -229,53 +188,11 @@ def recovery_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+EXPERIMENT = Synthetic()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        choices=CHOICES,
-        default=list(METHODS),
-        help=f"default: the paper's four; {ORACLE} adds the attainable-floor reference",
-    )
-    parser.add_argument(
-        "--k", nargs="+", type=int, choices=RANKS, default=list(RANKS), help="the data sets' ranks"
-    )
-    add_run_arguments(parser, PRESETS)
-    args = parser.parse_args(argv)
-    keep_freed_memory()
-    cfg, device = resolve_config(parser, args, PRESETS)
-    with claim_output(args.out, args.resume, args.overwrite):
-        return _run(args, cfg, device)
-
-
-def _run(args: argparse.Namespace, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    jobs = [
-        (
-            {"method": method, "k": k, "seed": seed},
-            functools.partial(run_one, method, k, cfg, seed, args.out, device),
-        )
-        for seed in args.seeds
-        for k in args.k
-        for method in args.methods
-    ]
-    results = run_jobs(jobs, cfg, args, resume_from(args, cfg))
-    results["oracle_floor"] = oracle_floor(results["runs"])
-    write_results(args.out / "results.json", results)
-    print(summary_header(cfg, args, results))
-    if len(args.seeds) > 1:
-        print(seed_table(results["aggregate"]))
-    for seed in args.seeds:
-        runs = [r for r in results["runs"] if r["seed"] == seed]
-        if len(args.seeds) > 1:
-            print(f"\nSeed {seed}:\n")
-        print(markdown_table(runs))
-    for line in recovery_lines(results["runs"]) + floor_lines(results["oracle_floor"]):
-        print(line)
-    print(f"\nWrote {args.out}/results.json, metrics.jsonl and U_*.png")
-    return results
+    return engine.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

@@ -30,26 +30,32 @@ import os
 import sys
 from pathlib import Path
 
-# synthetic/ and experiments/ are not installed with msr: import them from the repository root
+# synthetic/ (the data generators) is not installed with msr: import it from the repository root
 sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
 
 import matplotlib.pyplot as plt
 import torch
 
-from experiments.rotation import build_model, make_data, symmetry_scores
-from experiments.training import TrainConfig, build_maml
-from msr import viz
+from msr import MAML, MSRConv2d, viz
 from msr.symmetry import adapted_group_equivariance_error
+from synthetic.rotation2d import Steerable2D
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "400"))
 torch.manual_seed(0)
-data = make_data("c8", seed=0)
+data = Steerable2D(group_name="c8", seed=0, num_tasks=10_000)  # the paper's Table 2 data
 test, _ = data.tasks(data.test_indices(50))
+numel, latent = data.basis.shape  # 216 weights, 18 free coefficients
+layers = {
+    "MSR-Conv-dense": MSRConv2d.from_basis(
+        torch.randn(numel, latent) * 0.01, 1, data.out_channels, 3, learn_U=True, bias=False
+    ),
+    "MAML-Conv": MSRConv2d(1, data.out_channels, 3, bias=False, learn_U=False),
+}
 # The MSE averages over 24 x 30 x 30 outputs, so the useful inner step is large: start it at 10
-# (what the driver's level-field sweep picks for both methods here).
-config = TrainConfig(steps=steps, eval_every=steps, inner_lr=10.0, batching="loop")
+# (what the driver's inner-lr sweep picks for both methods here).
 learners = {
-    name: build_maml(build_model(name, data), config) for name in ("MSR-Conv-dense", "MAML-Conv")
+    name: MAML(layer, inner_steps=1, inner_lr=10.0, batching="loop")
+    for name, layer in layers.items()
 }
 
 # %%
@@ -70,8 +76,8 @@ for name, maml in learners.items():
 # ## Is span(U) the steerable C8 basis, and which group did it find?
 
 # %%
-U = learners["MSR-Conv-dense"].model.U.detach()
-scores = symmetry_scores(U, data)
+U = learners["MSR-Conv-dense"].model.sharing_matrix().detach()
+scores = data.recovery_scores(U)
 print(
     f"largest principal angle to the C8 basis {scores['max_principal_angle_deg']:.1f} deg; "
     f"energy of U inside it {scores['energy_in_group_basis']:.3f} "

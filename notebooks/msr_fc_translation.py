@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-# synthetic/ and experiments/ are not installed with msr: import them from the repository root
+# synthetic/ (the data generators) is not installed with msr: import it from the repository root
 sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
 
 import matplotlib.pyplot as plt

@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,12 @@ from torch import Tensor
 
 from msr import bases
 from msr.groups import Group, get_group
+from msr.symmetry import energy_share, kernel_mode_matrix, nearest_group, principal_angles
 from msr.validation import check_positive_int
 from synthetic.pool import TaskPool
+
+CANDIDATE_GROUPS = ("c4", "d4", "c8", "d8")  # "which symmetry was discovered"
+DISCOVERED_ENERGY = 0.9  # the nearest group counts as discovered with this share of U's energy
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,38 @@ class LiftingConvTasks(TaskPool):
         divide the channel count, or (exact grid) it does not map the pixel grid onto itself.
         Used to ask which group a learned U is nearest to."""
         raise NotImplementedError
+
+    def recovery_scores(self, U: Tensor) -> dict[str, Any]:
+        """How far a learned U (``sharing_matrix()``) recovered this data's group convolution
+        (docs/results.md, Table 2): its energy in the data's basis and principal angle to it, its
+        filter directions (``kernel_mode_matrix``) and their energy in the band limit, and which
+        symmetry was discovered: the group among ``CANDIDATE_GROUPS`` (those whose regular
+        fields fit the channels) whose lifting basis of this family (``group_basis``) is nearest
+        to U's strong directions by Grassmann distance, counted if it also holds
+        ``DISCOVERED_ENERGY`` of U's energy."""
+        numel, pixels, rank = U.shape[0], self.kernel_size**2, self.basis.shape[1]
+        band_limited = bases.steerable_lifting2d(
+            self.group_name, 1, self.kernel_size, device=U.device
+        ).filter_basis
+        kernel_mode = kernel_mode_matrix(U, pixels)
+        kernel_singular = torch.linalg.svdvals(kernel_mode)
+        candidates = {
+            name: basis
+            for name in CANDIDATE_GROUPS
+            if (basis := self.group_basis(name)) is not None
+        }
+        return {
+            "energy_in_group_basis": energy_share(U, self.basis),
+            "chance_energy": rank / numel,
+            # span(U) must be narrower than the weight space for the angle to say anything
+            "max_principal_angle_deg": (
+                float(principal_angles(U, self.basis).max()) if U.shape[1] < numel else None
+            ),
+            "kernel_singular_values": (kernel_singular / kernel_singular[0]).tolist(),
+            "kernel_energy_in_band_limit": energy_share(kernel_mode, band_limited),
+            "chance_kernel_energy": band_limited.shape[1] / pixels,
+            **nearest_group(U, candidates, DISCOVERED_ENERGY),
+        }
 
     def weights(self, coefficients: Tensor) -> Tensor:
         """Conv kernels (..., out_channels, 1, k, k) for coefficients (..., latent)."""

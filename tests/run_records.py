@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.rundir import run_cli
+from experiments.cli import run_cli
 
 
 def logged_metrics(path: Path) -> list[dict]:

@@ -12,8 +12,8 @@ import pytest
 from conftest import SHARED
 from run_records import driver_status, error_lines
 
-from experiments import few_shot, redraw, synthetic
-from experiments.common import seed_value
+from experiments import engine, few_shot, redraw, synthetic
+from experiments.cli import seed_value
 from msr.data import load_omniglot
 from msr.data.episodes import ImageClasses
 
@@ -24,8 +24,7 @@ DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": red
 @pytest.fixture(autouse=True)
 def _in_process(monkeypatch):
     """The drivers' malloc tuning would stay with the test process: leave malloc alone."""
-    for module in (synthetic, few_shot):
-        monkeypatch.setattr(module, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
 
 
 def _one_line(capsys, name, *argv, status=2):
@@ -95,7 +94,7 @@ def test_an_edited_metrics_log_is_one_line_on_resume(tmp_path, capsys):
 def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     _few_shot_run(capsys, out, "--steps", "2")
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / "model_maml_omniglot_5w1s_s0.pt"  # the job's model file is its checkpoint
     checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
     line = _one_line(capsys, "few_shot", *FEW_SHOT, "--out", str(out), "--resume")
     assert f"{checkpoint} cannot be loaded safely" in line
@@ -106,12 +105,12 @@ def test_a_steps_below_the_checkpoint_or_another_preset_is_refused(tmp_path, cap
     _few_shot_run(capsys, out)
     argv = ("--method", "maml", "--out", str(out), "--resume")
     line = _one_line(capsys, "few_shot", "--preset", "tiny", "--steps", "2", *argv)
-    assert "has trained 4 steps, more than --steps 2" in line
+    assert "a job has trained 4 steps, more than --steps 2" in line
     line = _one_line(capsys, "few_shot", "--preset", "cpu", *argv)
-    assert "belongs to another run" in line and "'run.preset': ('tiny', 'cpu')" in line
+    assert "belongs to another run" in line and "'preset': ('tiny', 'cpu')" in line
     assert "'config.hidden': (4, 32)" in line
     _few_shot_run(capsys, out, "--steps", "6", "--resume")  # a longer run goes on
-    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 6
 
 
 def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):

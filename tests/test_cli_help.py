@@ -8,9 +8,9 @@ from experiments import few_shot, rotation, synthetic
 @pytest.mark.parametrize(
     "module, expected",
     [
-        (synthetic, ["the scale of the run (default: quick)", "(default: [1, 2, 5])"]),
-        (rotation, ["(default: ['c8', 'd8'])", "(default: ['paper', 'level'])"]),
-        (few_shot, ["classes per episode (default: 5)", "(default: cpu)", "(default: omniglot)"]),
+        (synthetic, ["(default: quick)", "(default: [1, 2, 5])"]),
+        (rotation, ["(default: ['c8', 'd8'])", "(default: ['paper', 'swept'])"]),
+        (few_shot, ["(default: [5])", "(default: cpu)", "(default: omniglot)"]),
     ],
 )
 def test_help_shows_the_defaults(capsys, module, expected):

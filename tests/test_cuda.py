@@ -20,7 +20,7 @@ from torch import nn
 
 from benchmarks.few_shot_step import benchmark_config, omniglot_train
 from benchmarks.precision import compare, within_tolerance
-from experiments.common import resolve_device
+from experiments.cli import resolve_device
 from msr import MAML, ProtoNet, TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.models import conv4

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT
 
-from experiments.common import resolve_device
-from experiments.rotation import symmetry_scores
+from experiments.cli import resolve_device
 from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes
 from msr.groups import get_group
@@ -77,7 +76,7 @@ def test_symmetry_scores_and_group_actions_follow_their_inputs():
     U = torch.randn(data.basis.shape[0], 18, dtype=torch.float64).float()
     x = torch.randn(2, 8, 5, 5)
     with no_default_device:
-        scores = symmetry_scores(U, data)
+        scores = data.recovery_scores(U)
         translation_equivariance_error(torch.randn(6, 8, device="cpu"))
         c4 = get_group("c4")
         c4.act_regular(c4.transform(x, 1), 1)

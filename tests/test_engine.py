@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.cli import Stopped, deferred_stops
 from experiments.engine import NonFiniteLossError, outer_steps
-from experiments.rundir import Stopped, deferred_stops
 from msr import MAML, TaskBatch
 
 

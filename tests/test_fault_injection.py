@@ -18,9 +18,9 @@ import pytest
 import torch
 from run_records import driver_status, error_lines, logged_metrics
 
-from experiments import few_shot, rotation, synthetic
-from experiments.common import MetricsLog, load_checked, load_model, read_results
+from experiments import engine, few_shot, rotation, synthetic
 from experiments.rundir import LOCK_NAME
+from experiments.runfiles import MetricsLog, load_checked, load_model, read_results
 from msr import MAML
 
 DRIVERS = {  # module, and the arguments of a tiny run of two jobs (few_shot: one)
@@ -31,6 +31,7 @@ DRIVERS = {  # module, and the arguments of a tiny run of two jobs (few_shot: on
     ),
     "few_shot": (few_shot, shlex.split("--preset tiny --method msr")),
 }
+FEW_SHOT_MODEL = "model_msr_omniglot_5w1s_s0.pt"  # the few-shot job's model file and checkpoint
 # What a bad command line or bad data looks like to each driver (refused before --out is touched).
 BAD_INPUT = {
     "synthetic": [("--steps", "0"), ("--inner-lr", "inf"), ("--seed", str(2**63))],
@@ -142,8 +143,7 @@ class _FillingStream:
 @pytest.fixture(autouse=True)
 def _in_process(monkeypatch):
     """The drivers' malloc tuning would stay with the test process: leave malloc alone."""
-    for module, _ in DRIVERS.values():
-        monkeypatch.setattr(module, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,7 @@ def reference(tmp_path_factory):
     writes it made (to place each fault midway)."""
     found = {}
     with pytest.MonkeyPatch.context() as patch:
-        for module, _ in DRIVERS.values():
-            patch.setattr(module, "keep_freed_memory", lambda: False)
+        patch.setattr(engine, "reuse_freed_memory", lambda: False)
         for name in DRIVERS:
             out = tmp_path_factory.mktemp(name)
             steps, evaluations = Counter(), Counter()
@@ -204,8 +203,8 @@ def test_a_disk_that_fills_midway_loses_nothing(tmp_path, monkeypatch, capsys, n
     left = _files(out)
     assert LOCK_NAME not in left and not [n for n in left if n.endswith(".tmp")]
     read_results(out / "results.json") if "results.json" in left else None  # intact, verified
-    if "checkpoint.pt" in left:
-        load_checked(out / "checkpoint.pt")
+    for model in [n for n in left if n.startswith("model_")]:
+        load_checked(out / model)
     disk.full_at = None
     assert _cli(name, out, "--resume") == 0
     assert _outcome(out) == reference[name]["outcome"]
@@ -224,9 +223,10 @@ def test_sigterm_during_training_then_resume(tmp_path, monkeypatch, capsys, name
 
 @pytest.mark.parametrize("name", DRIVERS)
 def test_sigterm_during_validation_then_resume(tmp_path, monkeypatch, capsys, name, reference):
-    """few_shot validates on 100 tasks in chunks, so the stop lands inside a validation: the
-    trained step is checkpointed and validated when the run resumes (before, the checkpoint
-    stayed at the previous ``checkpoint_every``). The others stop at the next step."""
+    """few_shot validates in chunks (tiny: 8 tasks in 4 chunks), so the stop lands inside a
+    validation: the trained step is checkpointed and validated when the run resumes (before,
+    the checkpoint stayed at the previous ``checkpoint_every``). The others stop at the next
+    step."""
     out = tmp_path / "run"
     last_validation = reference[name]["evaluations"] // 2 + 1
     if name == "few_shot":  # 2 validations of 4 chunks, then the test: stop in the second
@@ -235,7 +235,7 @@ def test_sigterm_during_validation_then_resume(tmp_path, monkeypatch, capsys, na
     assert status == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err
     if name == "few_shot":
-        saved = load_checked(out / "checkpoint.pt")
+        saved = load_checked(out / FEW_SHOT_MODEL)
         assert saved["step"] == 4 and saved["unvalidated"] is not None
         assert [r["step"] for r in logged_metrics(out / "metrics.jsonl")] == [2]
     assert _cli(name, out, "--resume") == 0
@@ -262,8 +262,9 @@ def test_a_second_start_on_a_running_out_is_refused(tmp_path, monkeypatch, capsy
 
 
 def _state_file(name: str, out: Path) -> Path:
-    """The file a resume continues from: the few-shot checkpoint, the synthetic results."""
-    return out / ("checkpoint.pt" if name == "few_shot" else "results.json")
+    """The file a resume continues from: the few-shot job's checkpoint (its model file), the
+    others' results (their first job has finished)."""
+    return out / (FEW_SHOT_MODEL if name == "few_shot" else "results.json")
 
 
 @pytest.mark.parametrize("name", DRIVERS)
@@ -282,7 +283,7 @@ def test_a_corrupted_checkpoint_is_refused_and_kept(
         state.write_bytes(bytes(data))
     elif name == "few_shot":  # a value changed and the file saved again as torch.save does
         saved = torch.load(state, weights_only=True)
-        next(iter(saved["learner"].values())).view(-1)[0] += 1e-3
+        next(iter(saved["state_dict"].values())).view(-1)[0] += 1e-3
         torch.save(saved, state)
     else:
         state.write_text(state.read_text().replace('"steps": ', '"steps": 1', 1))

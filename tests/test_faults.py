@@ -17,9 +17,10 @@ import torch
 from conftest import REPO_ROOT
 from run_records import driver_status, logged_metrics
 
-from experiments import synthetic
-from experiments.common import MetricsLog, atomic_write, read_results, write_results
-from experiments.rundir import LOCK_NAME, WriteFailedError, run_cli
+from experiments import engine, synthetic
+from experiments.cli import run_cli
+from experiments.rundir import LOCK_NAME, WriteFailedError
+from experiments.runfiles import MetricsLog, atomic_write, read_results, write_results
 
 
 def _run(module, *arguments, umask=None):
@@ -43,7 +44,7 @@ def synthetic_here(monkeypatch, capsys):
     """``_synthetic`` in this process (no interpreter and torch to start): a
     ``CompletedProcess`` of its status and stderr. The driver's malloc tuning is left out, as
     it would stay with the test process."""
-    monkeypatch.setattr(synthetic, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
 
     def run(out, *more):
         argv = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1", "--out", str(out), *more]
@@ -172,8 +173,11 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("kind", ["code", "garbage", "foreign"])
-def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(tmp_path, kind):
-    checkpoint, marker = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(
+    tmp_path, kind, synthetic_here
+):
+    assert synthetic_here(tmp_path, "--steps", "2").returncode == 0
+    checkpoint, marker = tmp_path / "model_MSR-FC_k1_s0.pt", tmp_path / "pwned"
     if kind == "code":
         torch.save({"run": _RunsCode(marker)}, checkpoint)
         torch.load(checkpoint, weights_only=False)  # the crafted file does run code if trusted
@@ -183,7 +187,7 @@ def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(tmp_pat
         checkpoint.write_bytes(b"\x00 not a checkpoint")
     else:
         torch.save({"weights": torch.zeros(2)}, checkpoint)
-    done = _run("experiments.few_shot", "--method", "maml", "--resume", "--out", tmp_path)
+    done = synthetic_here(tmp_path, "--resume")  # 2 of the preset's 6 steps: resumes from it
     line = _one_line_error(done)
     assert str(checkpoint) in line
     expected = {

@@ -9,14 +9,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from experiments.rotation import (
-    CANDIDATE_GROUPS,
-    METHODS,
-    PRESETS,
-    PROTOCOLS,
-    make_data,
-    symmetry_scores,
-)
+from experiments.presets import ROTATION
+from experiments.rotation import METHODS, PROTOCOLS, make_data
+from synthetic.rotation2d import CANDIDATE_GROUPS
 
 
 def _run(*arguments: str) -> subprocess.CompletedProcess:
@@ -39,13 +34,13 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     assert results["seeds"] == [1] and results["preset"] == "tiny" and results["git_sha"]
     runs = {(r["method"], r["protocol"]): r for r in results["runs"]}
     assert set(runs) == {(m, p) for m in METHODS for p in PROTOCOLS}
-    candidates = PRESETS["tiny"].lr_candidates
+    candidates = ROTATION["tiny"].lr_candidates
     for (method, protocol), run in runs.items():
         assert run["group"] == "c8" and run["data"] == "steerable" and run["steps"] == 4
         assert run["mse"] > 0 and 0 < run["equivariance_error"] < 1
         if protocol == "paper":
             assert run["inner_lr_init"] == 0.1 and "inner_lr_sweep" not in run
-        else:  # the level field: the sweep's choice and every candidate's training-task score
+        else:  # the swept protocol: the sweep's choice and every candidate's training-task score
             assert set(run["inner_lr_sweep"]) == {str(c) for c in candidates}
             best = min(candidates, key=lambda c: run["inner_lr_sweep"][str(c)])
             assert run["inner_lr_init"] == best
@@ -72,7 +67,7 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
 
     # each run's model is saved; the learned U's are drawn, and redrawn from the model files
     assert len(list(out.glob("model_*.pt"))) == len(METHODS) * len(PROTOCOLS)
-    saved = torch.load(out / "model_MSR-Conv-dense_c8_level_s1.pt", weights_only=True)
+    saved = torch.load(out / "model_MSR-Conv-dense_c8_swept_s1.pt", weights_only=True)
     assert saved["driver"] == "rotation" and saved["config"]["lr_candidates"] == (0.1, 10.0)
     assert saved["state_dict"]["model.U"].shape == (24 * 9, 18)
     figures = sorted(out.glob("U_*.png"))
@@ -107,12 +102,12 @@ def _without_wall(run: dict) -> dict:
 def test_symmetry_scores_name_the_group_of_a_known_u(group):
     data = make_data(group, seed=0)
     mixing = torch.linalg.qr(torch.randn(18, 18))[0]
-    exact = symmetry_scores(data.basis @ mixing, data)  # span = the group's basis
+    exact = data.recovery_scores(data.basis @ mixing)  # span = the group's basis
     assert exact["discovered_group"] == group and exact["group_distances_deg"][group] < 1e-3
     assert exact["max_principal_angle_deg"] < 1e-3 and exact["energy_in_group_basis"] > 0.999
     assert exact["kernel_energy_in_band_limit"] > 0.999
     assert sum(v > 1e-3 for v in exact["kernel_singular_values"]) == 6  # the band limit
-    plain = symmetry_scores(torch.eye(data.basis.shape[0]), data)  # a plain conv's U
+    plain = data.recovery_scores(torch.eye(data.basis.shape[0]))  # a plain conv's U
     assert plain["discovered_group"] is None
     assert plain["energy_in_group_basis"] == pytest.approx(plain["chance_energy"])
     assert plain["kernel_energy_in_band_limit"] == pytest.approx(6 / 9)
@@ -134,7 +129,7 @@ def test_cli_exact_grid_variant(tmp_path):
 
 def test_exact_grid_scores_name_the_grid_group():
     data = make_data("d4", seed=0)
-    scores = symmetry_scores(data.basis @ torch.linalg.qr(torch.randn(27, 27))[0], data)
+    scores = data.recovery_scores(data.basis @ torch.linalg.qr(torch.randn(27, 27))[0])
     assert scores["discovered_group"] == "d4" and scores["group_distances_deg"]["d4"] < 1e-3
     assert scores["group_distances_deg"]["c4"] > 45  # C4's 3-filter basis misses 9 of 27
 
@@ -150,6 +145,17 @@ def test_cli_rejects_bad_inner_lr_and_workers(tmp_path):
         done.returncode == 2
         and "argument --workers: must be a positive integer, got 0" in done.stderr
     )
+
+
+def test_the_old_protocol_name_still_works_with_a_note(tmp_path):
+    out = tmp_path / "old"
+    done = _run(
+        "--group", "c4", "--methods", "MAML-Conv", "--protocols", "level", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "note: --protocols level is now called swept" in done.stderr
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["protocol"] == "swept" and "inner_lr_sweep" in run
 
 
 def test_redraw_refuses_a_directory_without_a_finished_run(tmp_path):

@@ -1,146 +1,37 @@
-"""Pieces every experiment driver shares: statistics, provenance, and files written safely."""
+"""The files a run writes into its output directory (``experiments.rundir`` claims it):
+nothing lost, nothing hidden.
+
+- Every file is written atomically (``atomic_write``): a reader, a crash or a stop never sees a
+  half-written file, and a failed write keeps the previous one (``WriteFailedError``).
+- Model files (each job's checkpoint while it trains) and results.json carry a SHA-256 of
+  their contents, verified on load; model files load without running code.
+- ``MetricsLog`` appends metrics.jsonl a flushed line at a time (and mirrors it to TensorBoard).
+"""
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import scipy.stats
 import torch
-from torch import Tensor
 
 from experiments.rundir import (
+    REPO_ROOT,
     RunError,
     WriteFailedError,
     describe_write_error,
     write_error_reason,
 )
 from msr import viz
-from msr._files import write_atomically
+from msr._files import content_digest, write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t confidence interval over independent values."""
-    values = values.detach().double().flatten()
-    count = values.numel()
-    if count < 2:
-        raise ValueError(f"a confidence interval needs at least 2 values, got {count}")
-    sem = values.std(unbiased=True).item() / math.sqrt(count)
-    return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """``--help`` that says each option's default where it has one (not None, not a flag's
-    False): what a run does when the option is left out."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        unset = default is None or default is False or default is argparse.SUPPRESS
-        if action.option_strings and not unset and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-SEED_HELP = "seeds the data, the initialization and every random stream: same seed, same run"
-DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
-OVERWRITE_HELP = "replace the earlier run's files in DIR (without it, a non-empty DIR is refused)"
-TENSORBOARD_HELP = "also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)"
-
-
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and the streams take
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (outer steps, ways, shots, workers)."""
-    return _parsed(text, int, lambda value: value >= 1, "a positive integer")
-
-
-def positive_finite_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (a learning rate); refuses inf and nan."""
-    return _parsed(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-
-
-def seed_value(text: str) -> int:
-    """An argparse type: a seed, 0 <= seed < 2**63."""
-    return _parsed(text, int, lambda value: 0 <= value < SEED_LIMIT, "a seed in 0 .. 2**63 - 1")
-
-
-def _parsed(text: str, kind: Callable[[str], Any], valid: Callable[[Any], bool], what: str) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is one of several ranks started by ``torchrun`` (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def resolve_device(spec: str) -> torch.device:
-    """The device ``--device`` names (see ``DEVICE_HELP``), checked to exist on this machine.
-
-    On CUDA it also turns TF32 off for matmuls and cuDNN convolutions (torch allows it in
-    convolutions by default): the drivers compute in full fp32, as on the CPU.
-    """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {spec!r}; expected {DEVICE_HELP}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}); use --device cpu or auto"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s)")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        if device.index is None:  # recorded as e.g. cuda:0 in results.json
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve every allocation from its heap and keep freed memory for reuse.
-
-    By default glibc maps each allocation above a threshold afresh and hands it back on free, so
-    a training step that allocates the same multi-MB tensors every time page-faults them all in
-    again: measured on a D8 meta-step (32 tasks, 48 channels), 120k minor faults and 60% of the
-    time in the kernel; with this, 66 faults and 292 -> 101 ms. The cost: the process keeps its
-    peak memory. Drivers call it at start; returns False where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def git_sha() -> str:
@@ -183,62 +74,33 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise describe_write_error(path, error) from error
 
 
-def save_model(
-    path: Path, learner: torch.nn.Module, driver: str, seed: int, tags: dict[str, Any], config: Any
-) -> None:
-    """Write what a run learned (atomically, checksummed): the learner's state dict on the CPU
-    (the model's parameters and buffers, and MAML's inner lrs), with what rebuilds it: the
-    driver, seed, job tags and config. Plain tensors and Python values only: ``load_model``
-    reads it with ``weights_only=True``, and so can ``torch.load``."""
-    payload = {
-        "driver": driver,
-        "seed": seed,
-        "tags": dict(tags),
-        "config": asdict(config),
-        "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},
-    }
-    save_checked(path, payload)
+MODEL_FIELDS = {
+    "driver",
+    "seed",
+    "tags",
+    "preset",
+    "config",
+    "step",
+    "state_dict",
+    "optimizer",
+    "elapsed_s",
+    "unvalidated",
+}
 
 
-def load_model(path: Path) -> dict[str, Any]:
-    """A file written by ``save_model``, its checksum verified (no code runs while it loads)."""
-    saved = load_checked(path)
-    missing = {"driver", "seed", "tags", "config", "state_dict"} - set(saved)
+def load_model(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A job's model file (``experiments.engine.fit`` writes it: its checkpoint as it trains,
+    its model once trained), its checksum verified (no code runs while it loads): the learner's
+    state dict with what rebuilds it (driver, seed, tags, preset, config) and how far it got
+    (step, and the optimizer's state to continue from)."""
+    saved = load_checked(path, map_location)
+    missing = MODEL_FIELDS - set(saved)
     if missing:
         raise RunError(f"{path} is not a model file of this project (missing {sorted(missing)})")
     return saved
 
 
 CHECKSUM_KEY = "sha256"  # beside a checkpoint's or model file's own fields
-
-
-def content_digest(value: Any) -> str:
-    """SHA-256 of a file's contents as loaded: every key, value, tensor dtype, shape and byte,
-    in order. It names what was saved, not how torch laid it out on disk, so it is the same
-    after loading onto another device."""
-    digest = hashlib.sha256()
-    _feed(digest, value)
-    return digest.hexdigest()
-
-
-def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        digest.update(f"D{len(value)}:".encode())
-        for key, item in value.items():
-            _feed(digest, key)
-            _feed(digest, item)
-    elif isinstance(value, list | tuple):
-        digest.update(f"{type(value).__name__}{len(value)}:".encode())
-        for item in value:
-            _feed(digest, item)
-    elif value is None or isinstance(value, str | int | float | bool):
-        digest.update(f"{type(value).__name__}:{value!r};".encode())
-    else:
-        raise TypeError(f"cannot checksum a {type(value).__name__} (plain values and tensors only)")
 
 
 def save_checked(path: Path, payload: dict[str, Any]) -> None:
@@ -392,7 +254,6 @@ def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
         raise RunError(f"{path} cannot be loaded safely: {reason}") from None
 
 
-# Paragraphs of torch.load's weights_only error that are advice, not the reason.
 _TORCH_LOAD_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 

@@ -1,0 +1,315 @@
+"""How an experiment runs as a command: its flags, its device and process group, its exit.
+
+- ``parse``: one argument builder for every driver (the experiment's own flags, then the run
+  flags every driver shares), ``--help`` with defaults, the preset with its overrides applied.
+- ``run_cli``: a ``RunError`` (a problem the user can fix) is one line and exit status 2 (1 for a
+  failed write); SIGINT / SIGTERM stop the run at its next safe point (``raise_if_stopped``,
+  between outer steps) with a message and status 130 / 143, and ``--resume`` continues it. A
+  second signal stops it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from experiments.rundir import RunError, WriteFailedError
+
+if TYPE_CHECKING:
+    from experiments.engine import Experiment
+    from experiments.presets import RunConfig
+
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and the streams take
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that says each option's default where it has one (not None, not a flag's
+    False): what a run does when the option is left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if action.option_strings and not unset and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (outer steps, ways, shots, workers)."""
+    return _parsed(text, int, lambda value: value >= 1, "a positive integer")
+
+
+def positive_finite_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate); refuses inf and nan."""
+    return _parsed(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, 0 <= seed < 2**63."""
+    return _parsed(text, int, lambda value: 0 <= value < SEED_LIMIT, "a seed in 0 .. 2**63 - 1")
+
+
+def _parsed(text: str, kind: Callable[[str], Any], valid: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def renamed(old: str, new: str, flag: str) -> Callable[[str], str]:
+    """An argparse type that accepts the old spelling ``old`` of a value, says once on stderr
+    that it is now ``new``, and gives ``new`` (so users' scripts keep working)."""
+
+    def convert(text: str) -> str:
+        if text == old:
+            print(
+                f"note: {flag} {old} is now called {new}; {old} will stop working", file=sys.stderr
+            )
+            return new
+        return text
+
+    return convert
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, presets: Sequence[str], default: str
+) -> None:
+    """The flags every driver takes."""
+    parser.add_argument("--preset", choices=sorted(presets), default=default, help="the scale")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="seeds the data, the initialization and every random stream: same seed, same run",
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=seed_value,
+        nargs="+",
+        help="run every job once per seed (each seed draws its own data and initialization); "
+        "results.json gets the per-seed runs and an aggregate over seeds",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--steps", type=positive_int, help="override the preset's outer steps")
+    parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset's")
+    parser.add_argument(
+        "--inner-lr", type=positive_finite_float, help="override the initial inner lr"
+    )
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log the metrics to DIR/tensorboard (metrics.jsonl stays the record)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="run the jobs in this many processes, one thread each (same results)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR (same preset, seeds, config and code; --steps may grow): "
+        "finished jobs are kept, a job cut off continues from its last checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run's files in DIR (without it, a non-empty DIR is refused)",
+    )
+
+
+def parse(
+    experiment: Experiment, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, RunConfig, torch.device]:
+    """The command line of ``experiment``: its arguments, its preset with the overrides applied,
+    and the device to train on (joining the process group under ``torchrun``)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{experiment.name}",
+        description=experiment.description,
+        formatter_class=DefaultsHelpFormatter,
+    )
+    experiment.add_arguments(parser)
+    add_run_arguments(parser, experiment.preset_names, experiment.default_preset)
+    args = parser.parse_args(argv)
+    try:
+        experiment.check_arguments(args)
+    except ValueError as error:
+        parser.error(str(error))
+    cfg = experiment.config(args)
+    args.seeds = args.seeds or [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ, got {args.seeds}")
+    torchrun = launched_by_torchrun()
+    if args.workers > 1 and torchrun:
+        parser.error("--workers > 1 cannot be combined with torchrun (one process per rank)")
+    if torchrun and args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device}: under torchrun each rank uses cuda:LOCAL_RANK")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    overrides = {"steps": args.steps, "batching": args.batching, "inner_lr": args.inner_lr}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return args, cfg, setup_distributed(args, device)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several ranks started by ``torchrun`` (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device ``--device`` names (see ``DEVICE_HELP``), checked to exist on this machine.
+
+    On CUDA it also turns TF32 off for matmuls and cuDNN convolutions (torch allows it in
+    convolutions by default): the drivers compute in full fp32, as on the CPU.
+    """
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {spec!r}; expected {DEVICE_HELP}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if device.index is None:  # recorded as e.g. cuda:0 in results.json
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the device
+    this process trains on: on CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl, on the CPU gloo.
+
+    Ranks other than 0 write their files under ``args.out/rank<r>`` and show no progress bar.
+    """
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank:
+        args.out = args.out / f"rank{rank}"
+    return device
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc serve every allocation from its heap and keep freed memory for reuse.
+
+    By default glibc maps each allocation above a threshold afresh and hands it back on free, so
+    a training step that allocates the same multi-MB tensors every time page-faults them all in
+    again: measured on a D8 meta-step (32 tasks, 48 channels), 120k minor faults and 60% of the
+    time in the kernel; with this, 66 faults and 292 -> 101 ms. The cost: the process keeps its
+    peak memory. Drivers call it at start; returns False where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM asked the run to stop (raised by ``raise_if_stopped`` at a safe point)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
+
+
+_stop_signal = 0  # the signal that asked the run to stop (0: none), until it stops
+
+
+def run_cli(main: Callable[[], Any], prog: str) -> None:
+    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a failed
+    write); SIGINT / SIGTERM -> a message, status 130 / 143."""
+    try:
+        with deferred_stops():
+            main()
+    except WriteFailedError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except RunError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Stopped as stop:
+        print(
+            f"\n{prog}: stopped by {stop.signum.name}; the files in --out are consistent (the "
+            "finished jobs, and the last checkpoint of the others): run the same command with "
+            "--resume to continue",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stop.signum)
+
+
+@contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM are recorded rather than raised where they land, and
+    ``raise_if_stopped`` raises ``Stopped`` at the next safe point. An exception raised at an
+    arbitrary bytecode can land inside torch's own machinery (e.g. while ``vmap`` enters a
+    level) and leave it broken, hiding the stop behind an internal error. A second signal
+    raises at once."""
+    global _stop_signal
+
+    def request(signum: int, frame: object) -> None:
+        global _stop_signal
+        if _stop_signal:
+            raise Stopped(signum)
+        _stop_signal = signum
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, request)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop_signal = 0
+
+
+def stop_signal() -> int:
+    """The signal that asked the run to stop, 0 if none did (see ``deferred_stops``)."""
+    return _stop_signal
+
+
+def raise_if_stopped() -> None:
+    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop."""
+    if _stop_signal:
+        raise Stopped(_stop_signal)
