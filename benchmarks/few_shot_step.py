@@ -1,12 +1,17 @@
 """Time per outer step of the few-shot paper protocol, and the projected wall time of its preset.
 
     python -m benchmarks.few_shot_step [--device auto|cpu|cuda] [--repeats 10] [--full]
+        [--preset cpu|cpu-long|paper]
 
 Omniglot 5-way 1-shot as the ``paper`` preset runs it: Conv-4 with 64 channels, 32 tasks per
 step, 15 queries per class, 1 inner step, second order, Adam; the episodes are sampled and
 augmented on the device from the real Omniglot file. For MAML and MSR on each path:
-- ``loop``: one task at a time, backward after each (the driver's default);
-- ``vmap``: the meta-batch as one batched computation;
+- ``loop``: one task at a time, backward after each;
+- ``vmap``: the meta-batch as one batched computation (``torch.func``);
+- ``grouped``: the meta-batch as one grouped computation, tasks folded into the channels
+  (``msr.grouped``; the few-shot driver's default);
+- ``higher``: a per-task loop through ``higher``'s differentiable SGD (``msr.reference``), the
+  straightforward reference;
 - ``compile``: ``torch.compile`` of the loop's outer step, where torch can compile it;
 - ``tf32`` (CUDA only): the loop with TF32 matmuls and convolutions, for its speed alone; how
   far it moves the meta-gradient is ``benchmarks.precision``'s to say. The drivers keep fp32.
@@ -15,7 +20,8 @@ steps, and the peak memory the steps need above the loaded model and data (CUDA:
 CPU: peak resident-set growth, which includes one-time library buffers), then
 the projection of the preset's 60,000 steps (training only: evaluation adds ~2%). On the CPU the
 setting is scaled (16 channels, 4 tasks, 5 queries) so that the whole run takes minutes, unless
-``--full``; the projection is then of that scaled setting.
+``--full``; the projection is then of that scaled setting. ``--preset`` times a few-shot preset's
+setting instead (e.g. ``cpu-long``: 32 channels, 4 tasks, 5 queries), projected over its steps.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from experiments.presets import FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT
 from msr import TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.reference import higher_meta_backward
 from msr.streams import keyed_generator
 
 METHODS = ("maml", "msr")
-PATHS = ("loop", "vmap", "compile", "tf32")
+PATHS = ("loop", "vmap", "grouped", "higher", "compile", "tf32")
 WAYS, SHOTS = 5, 1
 SCALED = {"hidden": 16, "meta_batch": 4, "queries": 5}
 
@@ -76,9 +83,8 @@ def measure(method: str, path: str, cfg: FewShotConfig, device: torch.device, re
     """(median ms per outer step, peak MiB of a step) of one method on one path."""
     torch.manual_seed(0)
     classes = omniglot_train(device)
-    learner = build_learner(
-        method, 1, WAYS, replace(cfg, batching="vmap" if path == "vmap" else "loop")
-    )
+    batching = path if path in ("vmap", "grouped") else "loop"
+    learner = build_learner(method, 1, WAYS, replace(cfg, batching=batching))
     learner.to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
     if path == "tf32":
@@ -86,7 +92,11 @@ def measure(method: str, path: str, cfg: FewShotConfig, device: torch.device, re
 
     def outer_step(index: int) -> None:
         optimizer.zero_grad()
-        learner.meta_backward(episodes(classes, cfg, index, device))
+        tasks = episodes(classes, cfg, index, device)
+        if path == "higher":
+            higher_meta_backward(learner, tasks)
+        else:
+            learner.meta_backward(tasks)
         optimizer.step()
 
     step = torch.compile(outer_step) if path == "compile" else outer_step
@@ -133,6 +143,7 @@ def run_isolated(method: str, path: str, args: argparse.Namespace) -> dict[str, 
     command = [
         sys.executable, "-m", "benchmarks.few_shot_step", "--one", method, path,
         "--device", args.device, "--repeats", str(args.repeats), *(["--full"] if args.full else []),
+        *(["--preset", args.preset] if args.preset else []),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode:
@@ -146,27 +157,32 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="the paper setting on the CPU too")
+    parser.add_argument(
+        "--preset", choices=sorted(FEW_SHOT["omniglot"]), help="time this preset's setting instead"
+    )
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
     device = resolve_device(args.device)
-    paper = FEW_SHOT["omniglot"]["paper"]
-    cfg = benchmark_config(device, args.full)
+    cfg = FEW_SHOT["omniglot"][args.preset] if args.preset else benchmark_config(device, args.full)
+    projected = cfg.steps if args.preset else FEW_SHOT["omniglot"]["paper"].steps
     if args.one:
         reuse_freed_memory()  # as the drivers run
         ms, peak = measure(*args.one, cfg, device, args.repeats)
         print(json.dumps({"ms": ms, "peak_mib": peak}))
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    setting = f"preset {args.preset}" if args.preset else setting_name(cfg)
     print(
-        f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting_name(cfg)}; torch "
+        f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads), median of {args.repeats}:"
     )
-    print("method  path      ms/step   peak MiB   60,000 steps")
+    print(f"method  path      ms/step   peak MiB   {projected:,} steps")
     report: dict[str, Any] = {"device": name, "config": asdict(cfg), "rows": {}}
     for method in METHODS:
-        for path in PATHS:
+        for path in args.paths:
             if path == "tf32" and device.type != "cuda":
                 continue
             row = run_isolated(method, path, args)
@@ -174,8 +190,13 @@ def main() -> None:
             if "error" in row:
                 print(f"{method:7s} {path:8s} fails: {row['error']}")
                 continue
-            hours = row["ms"] * paper.steps / 3.6e6
+            hours = row["ms"] * projected / 3.6e6
             print(f"{method:7s} {path:8s} {row['ms']:8.1f} {row['peak_mib']:10.1f} {hours:9.2f} h")
+    for method in METHODS:
+        ms = {path: report["rows"].get(f"{method}/{path}", {}).get("ms") for path in PATHS}
+        for slow in ("loop", "higher", "vmap"):
+            if ms["grouped"] and ms[slow]:
+                print(f"{method}: grouped is {ms[slow] / ms['grouped']:.2f}x faster than {slow}")
     loops = [report["rows"].get(f"{m}/loop", {}).get("ms") for m in METHODS]
     if all(loops):
         print(f"msr / maml (loop): {loops[1] / loops[0]:.2f}x")

@@ -109,7 +109,9 @@ def add_run_arguments(
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--steps", type=positive_int, help="override the preset's outer steps")
-    parser.add_argument("--batching", choices=("vmap", "loop"), help="override the preset's")
+    parser.add_argument(
+        "--batching", choices=("vmap", "loop", "grouped"), help="override the preset's"
+    )
     parser.add_argument(
         "--inner-lr", type=positive_finite_float, help="override the initial inner lr"
     )

@@ -30,7 +30,8 @@ from experiments.cli import positive_int, raise_if_stopped, run_cli
 from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95
 from experiments.presets import FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
-from msr import EpisodicLearner, ProtoNet, accuracy
+from experiments.runfiles import save_figure
+from msr import MAML, EpisodicLearner, ProtoNet, accuracy, viz
 from msr.data import (
     ImageClasses,
     augment_images,
@@ -172,14 +173,32 @@ class FewShot(Experiment):
         parser.add_argument(
             "--shots", nargs="+", type=positive_int, default=[1], help="support images per class"
         )
+        parser.add_argument(
+            "--test-inner-steps",
+            nargs="+",
+            type=positive_int,
+            help="the grid of test-time inner step counts each MAML-family job is scored at on "
+            "validation episodes (tested once, at its best); default: the preset's (1 3 5 10)",
+        )
 
     def check_arguments(self, args: argparse.Namespace) -> None:
         args.data = args.data or DEFAULT_DATA.get(args.dataset)
         if args.data is None:
             raise ValueError(f"--data is required for {args.dataset} (the standard layout's root)")
+        if args.preset not in FEW_SHOT[args.dataset]:
+            raise ValueError(
+                f"--preset {args.preset} is not defined for {args.dataset}; its presets: "
+                f"{', '.join(FEW_SHOT[args.dataset])}"
+            )
+        grid = args.test_inner_steps
+        if grid is not None and len(set(grid)) != len(grid):
+            raise ValueError(f"--test-inner-steps must differ, got {grid}")
 
     def config(self, args: argparse.Namespace) -> FewShotConfig:
-        return FEW_SHOT[args.dataset][args.preset]
+        cfg = FEW_SHOT[args.dataset][args.preset]
+        if args.test_inner_steps is not None:
+            cfg = replace(cfg, test_inner_steps=tuple(args.test_inner_steps))
+        return cfg
 
     def check(self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device) -> None:  # type: ignore[override]
         """Load the data and check that it holds episodes of every job's shape."""
@@ -221,24 +240,39 @@ class FewShot(Experiment):
                 classes, count, ways, shots, cfg.queries, generator, augment_images
             )
 
-        def score(classes: ImageClasses, count: int) -> torch.Tensor:
-            """Per-task query accuracy (%) over ``count`` episodes, in chunks to bound memory."""
+        def score(
+            classes: ImageClasses, count: int, inner_steps: int | None = None
+        ) -> torch.Tensor:
+            """Per-task query accuracy (%) over ``count`` episodes (the same ones for every
+            method and step count of a seed), adapting for ``inner_steps`` (default: the
+            training's), in chunks to bound memory."""
             generator, scores = torch.Generator(device=device).manual_seed(tags["seed"]), []
             chunk = cfg.eval_chunk
+            steps = {} if inner_steps is None else {"inner_steps": inner_steps}
             for start in range(0, count, chunk):
                 raise_if_stopped()
                 tasks = episodes(classes, min(chunk, count - start), generator)
-                metrics = learner.evaluate(tasks, {"accuracy": accuracy}, chunk_size=chunk)
+                metrics = learner.evaluate(tasks, {"accuracy": accuracy}, chunk_size=chunk, **steps)
                 scores.append(metrics["accuracy"])
             return 100.0 * torch.cat(scores)
 
         def result() -> dict[str, Any]:
-            mean, ci95 = mean_ci95(score(test, cfg.test_tasks))
+            curve, inner_steps = None, None
+            if isinstance(learner, MAML):  # test-time steps chosen on validation episodes
+                curve = {
+                    str(k): score(val, cfg.selection_tasks, k).mean().item()
+                    for k in sorted(cfg.test_inner_steps)
+                }
+                inner_steps = int(max(curve, key=lambda k: (curve[k], -int(k))))
+            mean, ci95 = mean_ci95(score(test, cfg.test_tasks, inner_steps))
             paper = PAPER_TABLE3[method].get((tags["dataset"], ways, shots), (None, None))
             return {
                 "accuracy": mean,
                 "ci95": ci95,
                 "test_tasks": cfg.test_tasks,
+                "train_inner_steps": None if curve is None else cfg.inner_steps,
+                "test_inner_steps": inner_steps,
+                "val_accuracy_by_inner_steps": curve,
                 "paper_accuracy": paper[0],
                 "paper_ci95": paper[1],
                 "chance": 100.0 / ways,
@@ -254,12 +288,15 @@ class FewShot(Experiment):
         )
 
     def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+        """The accuracy table, the validation accuracy at each test-time step count (and its
+        figure, curve_inner_steps.png)."""
         lines = [
-            "| method | data | ways | shots | seed | accuracy ± 95% CI | paper | chance | "
-            "meta-parameters |",
-            "| --- " * 9 + "|",
+            "| method | data | ways | shots | seed | accuracy ± 95% CI | test-time inner steps "
+            "| paper | chance | meta-parameters |",
+            "| --- " * 10 + "|",
         ]
         for r in results["runs"]:
+            steps = "—" if r["test_inner_steps"] is None else r["test_inner_steps"]
             paper = (
                 "—"
                 if r["paper_accuracy"] is None
@@ -267,9 +304,34 @@ class FewShot(Experiment):
             )
             lines.append(
                 f"| {r['method']} | Aug-{r['dataset']} | {r['ways']} | {r['shots']} | {r['seed']} "
-                f"| {r['accuracy']:.1f} ± {r['ci95']:.1f} | {paper} | {r['chance']:.0f} | "
-                f"{r['parameters']:,} |"
+                f"| {r['accuracy']:.1f} ± {r['ci95']:.1f} | {steps} "
+                f"| {paper} | {r['chance']:.0f} | {r['parameters']:,} |"
             )
+        curves = {
+            f"{r['method']} {r['ways']}w{r['shots']}s s{r['seed']}": curve
+            for r in results["runs"]
+            if (curve := r["val_accuracy_by_inner_steps"])
+        }
+        if not curves:
+            return lines
+        grid = sorted({int(k) for curve in curves.values() for k in curve})
+        lines += [
+            "",
+            "Validation accuracy (%) by test-time inner steps (chooses each job's count):",
+            "",
+            "| job | " + " | ".join(f"{k} steps" for k in grid) + " |",
+            "| --- " * (len(grid) + 1) + "|",
+        ]
+        for label, curve in curves.items():
+            cells = [f"{curve[str(k)]:.1f}" if str(k) in curve else "" for k in grid]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        figure = viz.plot_curves(
+            {label: {int(k): v for k, v in curve.items()} for label, curve in curves.items()},
+            "inner steps at test time",
+            "validation accuracy (%)",
+            f"{results['preset']} preset: validation accuracy by test-time inner steps",
+        )
+        save_figure(figure, args.out / "curve_inner_steps.png")
         return lines
 
 

@@ -46,13 +46,24 @@ class FewShotConfig(RunConfig):
     checkpoint_every: int = 500
     test_tasks: int = 600
     inner_lr: float = 0.4
-    batching: str = "loop"  # vmap loses on conv nets of this width (docs/performance.md)
+    # tasks folded into the channels: the fastest path on Conv-4 (docs/performance.md); vmap
+    # loses on conv nets of this width
+    batching: str = "grouped"
     hidden: int = 64  # Conv-4 channels
     queries: int = 15  # per class, training and test episodes
     val_tasks: int = 100  # validation episodes per probe
     eval_chunk: int = 25  # episodes scored at once in validation and test (bounds memory)
     first_order: bool = False
     image_size: int = 28
+    # Test-time inner steps: each MAML-family job scores every count of this grid on
+    # ``selection_tasks`` validation episodes and is tested once, at its best (ties: fewer steps)
+    test_inner_steps: tuple[int, ...] = (1, 3, 5, 10)
+    selection_tasks: int = 600
+
+    def __post_init__(self) -> None:
+        grid = self.test_inner_steps
+        if not grid or len(set(grid)) != len(grid) or any(k < 0 for k in grid):
+            raise ValueError(f"test_inner_steps must be distinct counts >= 0, got {grid}")
 
 
 # Table 1 (experiments.synthetic): 1 inner SGD step, 32 tasks per step, as in the paper.
@@ -101,6 +112,8 @@ _TINY_FEW_SHOT = FewShotConfig(
     test_tasks=4,
     val_tasks=8,
     eval_chunk=2,  # validations in several chunks, so that a stop can land inside one
+    test_inner_steps=(1, 2),
+    selection_tasks=4,
 )
 # Table 3 (experiments.few_shot), per data set.
 FEW_SHOT = {
@@ -110,6 +123,12 @@ FEW_SHOT = {
         # step, 1/3 of the queries (about 1/80 of the episodes) and half the channels
         "cpu": FewShotConfig(
             steps=3000, eval_every=1000, checkpoint_every=250, hidden=32, meta_batch=8, queries=5
+        ),
+        # the budget of the reimplementation in shared/reference/msr_facts.md, about 43 min per
+        # method on one core: 1/5 of the steps, 1/8 of the tasks per step, 1/3 of the queries
+        # (1/120 of the query images) and half the channels
+        "cpu-long": FewShotConfig(
+            steps=12_000, eval_every=1000, checkpoint_every=250, hidden=32, meta_batch=4, queries=5
         ),
         "tiny": _TINY_FEW_SHOT,  # tests only
     },

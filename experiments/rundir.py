@@ -34,6 +34,7 @@ RUN_OUTPUTS = (
     "checkpoint*.pt",
     "model_*.pt",
     "U_*.png",
+    "curve_*.png",
     "tensorboard",
 )
 LOCK_NAME = ".lock"

@@ -4,6 +4,8 @@ A learner defines a pure per-task function ``_query(state, x_support, y_support,
 y_query, metrics, in_vmap)`` of its (possibly detached) ``state``; this base class runs it over a
 meta-batch, either as one ``vmap``-ed computation (``in_vmap=True``) or as a loop that
 backpropagates after each task, for training (``meta_backward``) and for scoring (``evaluate``).
+A learner may also run the whole meta-batch as one grouped computation (``_grouped``, with
+``msr.grouped``): ``batching="grouped"``.
 """
 
 import functools
@@ -15,8 +17,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from msr.grouped import check_groupable
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Batching = Literal["vmap", "loop"]
+Batching = Literal["vmap", "loop", "grouped"]
 
 
 class TaskBatch(NamedTuple):
@@ -65,13 +69,16 @@ class EpisodicLearner(nn.Module):
 
     @property
     def batching(self) -> Batching:
-        """How a meta-batch runs: ``"vmap"`` (one batched computation) or ``"loop"`` (per task)."""
+        """How a meta-batch runs: ``"vmap"`` (one batched computation), ``"loop"`` (per task) or
+        ``"grouped"`` (tasks folded into the channels, plain autograd: ``msr.grouped``)."""
         return self._batching
 
     @batching.setter
     def batching(self, value: Batching) -> None:
-        if value not in ("vmap", "loop"):
-            raise ValueError(f"batching must be 'vmap' or 'loop', got {value!r}")
+        if value not in ("vmap", "loop", "grouped"):
+            raise ValueError(f"batching must be 'vmap', 'loop' or 'grouped', got {value!r}")
+        if value == "grouped":
+            check_groupable(self.model)
         if value == "vmap":
             for name, module in self.model.named_modules():
                 if isinstance(module, _BatchNorm):
@@ -118,6 +125,19 @@ class EpisodicLearner(nn.Module):
         """
         raise NotImplementedError
 
+    def _grouped(
+        self, tasks: TaskBatch, metrics: Mapping[str, LossFn], detach: bool
+    ) -> dict[str, Tensor]:
+        """Every task's query ``"loss"`` and metrics as one grouped computation (``msr.grouped``);
+        differentiable through the inner loop unless ``detach``."""
+        raise NotImplementedError(f"{type(self).__name__} has no grouped path")
+
+    def _scores_per_task(
+        self, prediction: Tensor, target: Tensor, metrics: Mapping[str, LossFn]
+    ) -> dict[str, Tensor]:
+        """``_scores`` of each task of (tasks, ...) predictions and targets."""
+        return vmap(functools.partial(self._scores, metrics=metrics))(prediction, target)
+
     def _scores(
         self, prediction: Tensor, target: Tensor, metrics: Mapping[str, LossFn]
     ) -> dict[str, Tensor]:
@@ -155,6 +175,8 @@ class EpisodicLearner(nn.Module):
         return self._task_losses(self._checked(tasks)).mean()
 
     def _task_losses(self, tasks: TaskBatch) -> Tensor:
+        if self.batching == "grouped":
+            return self._grouped(tasks, {}, detach=False)["loss"]
         if self.batching == "vmap":
             return self._run(tasks, detach=False, metrics={}, chunk_size=None)["loss"]
         state = self._state(detach=False)
@@ -173,7 +195,7 @@ class EpisodicLearner(nn.Module):
         freed as soon as its share of the gradient is accumulated.
         """
         tasks = self._checked(tasks)
-        if self.batching == "vmap":
+        if self.batching != "loop":
             losses = self._task_losses(tasks)
             losses.mean().backward()
             return losses.detach()
@@ -203,6 +225,14 @@ class EpisodicLearner(nn.Module):
         if self.batching == "vmap":
             with torch.no_grad():
                 return self._run(tasks, detach=True, metrics=metrics, chunk_size=chunk_size)
+        if self.batching == "grouped":
+            step = chunk_size or tasks.num_tasks
+            with torch.no_grad():
+                chunks = [
+                    self._grouped(TaskBatch(*(t[i : i + step] for t in tasks)), metrics, True)
+                    for i in range(0, tasks.num_tasks, step)
+                ]
+            return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
         state = self._state(detach=True)
         rows = []
         for index in range(tasks.num_tasks):  # no graph outlives its task: memory flat in tasks

@@ -8,7 +8,7 @@ that a MAML inner loop adapts per task (their initial values are meta-learned to
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -150,8 +150,14 @@ class MSRLinear(SymmetryLayer):
     @property
     def weight(self) -> Tensor:
         """The effective weight W = reshape(U v)."""
-        flat = self.v if self.U is None else _expand(self.U, self.v)
-        return flat.view(self.out_features, self.in_features)
+        return self.weight_from({"U": self.U, "v": self.v})
+
+    def weight_from(self, tensors: Mapping[str, Tensor | None]) -> Tensor:
+        """The weight that ``tensors`` ("v", and "U" unless it is the identity) make; a v with
+        leading task dimensions gives one weight per task (``msr.grouped``)."""
+        v, U = tensors["v"], tensors.get("U")
+        flat = v if U is None else _expand(U, v)
+        return flat.view(*v.shape[:-1], self.out_features, self.in_features)
 
     def sharing_matrix(self) -> Tensor:
         """U, ``(out_features * in_features, latent)``; MAML-FC's identity is built here (a
@@ -258,13 +264,21 @@ class MSRConv2d(SymmetryLayer):
     @property
     def weight(self) -> Tensor:
         """The effective conv kernel, shape ``(out, in, kh, kw)``."""
-        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        names = ("U_out", "U_in", "U_kernel") if self.kronecker else ("U",)
+        return self.weight_from({name: getattr(self, name) for name in (*names, "v")})
+
+    def weight_from(self, tensors: Mapping[str, Tensor | None]) -> Tensor:
+        """The kernel that ``tensors`` (v and the U factors, or the dense U) make; a v with
+        leading task dimensions gives one kernel per task (``msr.grouped``)."""
+        v = tensors["v"]
+        lead = v.shape[: v.dim() - (4 if self.kronecker else 1)]
+        shape = (*lead, self.out_channels, self.in_channels, *self.kernel_size)
         if not self.kronecker:
-            return _expand(self.U, self.v).view(shape)
-        kernel = self.v.flatten(2)  # (out, in, kh*kw); contract one factor at a time
-        kernel = torch.einsum("ao,oik->aik", self.U_out, kernel)
-        kernel = torch.einsum("bi,aik->abk", self.U_in, kernel)
-        kernel = torch.einsum("ck,abk->abc", self.U_kernel, kernel)
+            return _expand(tensors["U"], v).view(shape)
+        kernel = v.flatten(-2)  # (..., out, in, kh*kw); contract one factor at a time
+        kernel = torch.einsum("ao,...oik->...aik", tensors["U_out"], kernel)
+        kernel = torch.einsum("bi,...aik->...abk", tensors["U_in"], kernel)
+        kernel = torch.einsum("ck,...abk->...abc", tensors["U_kernel"], kernel)
         return kernel.reshape(shape)
 
     def sharing_matrix(self) -> Tensor:

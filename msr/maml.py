@@ -9,15 +9,18 @@ Both give the same meta-gradient.
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
-from msr.episodic import Batching, EpisodicLearner, LossFn
+from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
+from msr.grouped import grouped_call
 from msr.layers import SymmetryLayer
 
 
@@ -58,8 +61,7 @@ class MAML(EpisodicLearner):
         fast_parameters: Iterable[str] | None = None,
         batching: Batching = "vmap",
     ) -> None:
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-            raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        _check_steps(inner_steps)
         if not (isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
         super().__init__(model, loss_fn, batching)
@@ -137,12 +139,7 @@ class MAML(EpisodicLearner):
                 if self.first_order:
                     grads = {n: g.detach() for n, g in grads.items()}
             else:
-                # A detached (scoring) state still needs gradients for the inner loop itself:
-                # leaf copies, never the model's own parameters (their flags stay the user's).
-                fast = {
-                    n: t if t.requires_grad else t.detach().requires_grad_()
-                    for n, t in fast.items()
-                }
+                fast = _differentiable(fast)
                 with torch.enable_grad():
                     values = torch.autograd.grad(
                         support_loss(fast), list(fast.values()), create_graph=create_graph
@@ -165,15 +162,84 @@ class MAML(EpisodicLearner):
         prediction = functional_call(self.model, adapted, (x_query,))
         return self._scores(prediction, y_query, metrics)
 
+    def _grouped(
+        self, tasks: TaskBatch, metrics: Mapping[str, LossFn], detach: bool
+    ) -> dict[str, Tensor]:
+        """The inner loop of every task at once (``msr.grouped``): the fast parameters get a
+        leading task dimension, and the gradient of the summed support losses is each task's."""
+        state, lrs = self._state(detach)
+        count = tasks.num_tasks
+        fast = {n: state[n].expand(count, *state[n].shape) for n in lrs}
+        rest = {n: t for n, t in state.items() if n not in fast}
+
+        def forward(fast_params: dict[str, Tensor], x: Tensor) -> Tensor:
+            return grouped_call(self.model, {**rest, **fast_params}, fast_params.keys(), x)
+
+        create_graph = not self.first_order and torch.is_grad_enabled()
+        for _ in range(self.inner_steps):
+            fast = _differentiable(fast)
+            with torch.enable_grad():
+                prediction = forward(fast, tasks.x_support)
+                losses = vmap(functools.partial(self._loss, part="support"))(
+                    prediction, tasks.y_support
+                )
+                values = torch.autograd.grad(
+                    losses.sum(), list(fast.values()), create_graph=create_graph
+                )
+            fast = {n: fast[n] - lrs[n] * g for n, g in zip(fast, values, strict=True)}
+        return self._scores_per_task(forward(fast, tasks.x_query), tasks.y_query, metrics)
+
+    @contextmanager
+    def _steps(self, inner_steps: int | None) -> Iterator[None]:
+        """Inside, the inner loop takes ``inner_steps`` steps (None: the training's)."""
+        if inner_steps is None:
+            yield
+            return
+        trained, self.inner_steps = self.inner_steps, _check_steps(inner_steps)
+        try:
+            yield
+        finally:
+            self.inner_steps = trained
+
     # --- public API --------------------------------------------------------------------------
-    def adapt(self, x_support: Tensor, y_support: Tensor) -> nn.Module:
-        """A detached copy of the model adapted to one task's support set (for inspection)."""
+    def evaluate(
+        self,
+        tasks: TaskBatch,
+        metrics: Mapping[str, LossFn] | None = None,
+        chunk_size: int | None = 64,
+        *,
+        inner_steps: int | None = None,
+    ) -> dict[str, Tensor]:
+        """``EpisodicLearner.evaluate``, adapting each task for ``inner_steps`` SGD steps
+        (default: ``self.inner_steps``, the training's). The standard few-shot protocol adapts
+        longer at test time than in training; choose the count on validation tasks."""
+        with self._steps(inner_steps):
+            return super().evaluate(tasks, metrics, chunk_size)
+
+    def adapt(
+        self, x_support: Tensor, y_support: Tensor, *, inner_steps: int | None = None
+    ) -> nn.Module:
+        """A detached copy of the model adapted to one task's support set (for inspection), in
+        ``inner_steps`` steps (default: the training's)."""
         state, lrs = self._state(detach=True)
-        adapted = self._adapt(state, lrs, x_support, y_support, in_vmap=False)
+        with self._steps(inner_steps):
+            adapted = self._adapt(state, lrs, x_support, y_support, in_vmap=False)
         clone = copy.deepcopy(self.model)
         for name, tensor in adapted.items():
             _assign(clone, name, tensor.detach())
         return clone
+
+
+def _differentiable(fast: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A detached (scoring) state still needs gradients for the inner loop itself: leaf copies,
+    never the model's own parameters (their flags stay the user's)."""
+    return {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in fast.items()}
+
+
+def _check_steps(inner_steps: object) -> int:
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+    return inner_steps
 
 
 def _lr_key(name: str) -> str:

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
+from msr.grouped import grouped_call
 from msr.validation import check_positive_int
 
 
@@ -51,11 +52,24 @@ class ProtoNet(EpisodicLearner):
         self, state: dict[str, Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor
     ) -> Tensor:
         """Negative squared distances of query embeddings to the class prototypes."""
-        support = functional_call(self.model, state, (x_support,)).flatten(1)
-        query = functional_call(self.model, state, (x_query,)).flatten(1)
+        support = functional_call(self.model, state, (x_support,))
+        query = functional_call(self.model, state, (x_query,))
+        return self._distances(support, y_support, query)
+
+    def _distances(self, support: Tensor, y_support: Tensor, query: Tensor) -> Tensor:
+        """One task's logits from its support and query embeddings."""
+        support, query = support.flatten(1), query.flatten(1)
         one_hot = F.one_hot(y_support, self.ways).to(support.dtype)  # (N_s, ways)
         prototypes = (one_hot.T @ support) / one_hot.sum(0).unsqueeze(1)
         return -(query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+    def _grouped(
+        self, tasks: TaskBatch, metrics: Mapping[str, LossFn], detach: bool
+    ) -> dict[str, Tensor]:
+        state = self._state(detach)
+        support, query = (grouped_call(self.model, state, (), x) for x in tasks[::2])
+        logits = vmap(self._distances)(support, tasks.y_support, query)
+        return self._scores_per_task(logits, tasks.y_query, metrics)
 
     def _query(
         self,

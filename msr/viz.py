@@ -9,7 +9,7 @@ Every function returns a matplotlib ``Figure``; ``save`` writes one and closes i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,6 +102,32 @@ def plot_conv_directions(
                 ax.set_title(f"channel {channel}", fontsize=7)
         axes[row, 0].set_ylabel(f"dir. {row + 1}\ns.v. {value:.2g}", fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    curves: Mapping[str, Mapping[float, float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_x: bool = False,
+) -> Figure:
+    """One line per labelled curve ({x: y}, drawn in x order), with markers: e.g. validation
+    accuracy against test-time inner steps, one curve per learner."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for label, points in curves.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

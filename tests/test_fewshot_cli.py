@@ -101,3 +101,35 @@ def test_maml_big_has_at_least_msrs_meta_parameters():
 def test_miniimagenet_needs_a_data_path(tmp_path):
     done = _run("--dataset", "miniimagenet", "--method", "maml", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "--data is required for miniimagenet" in done.stderr
+
+
+def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path):
+    """Each MAML-family job scores the grid on validation episodes, keeps the best count (ties:
+    fewer steps) and is tested at it: a run whose grid is that count alone tests the same."""
+    grid_run, fixed_run = tmp_path / "grid", tmp_path / "fixed"
+    common = ["--methods", "maml", "protonet", "--preset", "tiny"]
+    done = _run(*common, "--test-inner-steps", "1", "2", "4", "--out", grid_run)
+    maml, protonet = json.loads((grid_run / "results.json").read_text())["runs"]
+    curve = maml["val_accuracy_by_inner_steps"]
+    assert list(curve) == ["1", "2", "4"] and maml["train_inner_steps"] == 1
+    best = max(curve.values())
+    assert maml["test_inner_steps"] == min(int(k) for k, v in curve.items() if v == best)
+    assert protonet["test_inner_steps"] is None and protonet["val_accuracy_by_inner_steps"] is None
+    assert "by test-time inner steps" in done.stdout
+    assert (grid_run / "curve_inner_steps.png").stat().st_size > 0
+    chosen = str(maml["test_inner_steps"])
+    _run("--methods", "maml", "--preset", "tiny", "--test-inner-steps", chosen, "--out", fixed_run)
+    (fixed,) = json.loads((fixed_run / "results.json").read_text())["runs"]
+    assert fixed["val_accuracy_by_inner_steps"] == {chosen: curve[chosen]}
+    assert (fixed["accuracy"], fixed["ci95"]) == (maml["accuracy"], maml["ci95"])
+
+
+def test_bad_test_time_grids_and_presets_are_usage_errors(tmp_path):
+    done = _run("--method", "maml", "--test-inner-steps", "3", "3", "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "--test-inner-steps must differ, got [3, 3]" in done.stderr
+    done = _run(
+        "--dataset", "miniimagenet", "--data", tmp_path, "--method", "maml", "--preset",
+        "cpu-long", "--out", tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--preset cpu-long is not defined for miniimagenet" in done.stderr

@@ -35,7 +35,7 @@ def _higher_meta_grads(maml, tasks):
     return losses, grads
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "grouped"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_meta_gradients_match_higher(batching, inner_steps):
     maml = MAML(_mlp(), inner_steps=inner_steps, inner_lr=0.05, batching=batching)
@@ -112,26 +112,27 @@ def _classification_tasks():
     return TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
 
 
-def test_vmap_loop_and_higher_agree_on_a_conv_net_with_batchnorm():
+@pytest.mark.parametrize("batching", ["vmap", "grouped"])
+def test_batched_paths_loop_and_higher_agree_on_a_conv_net_with_batchnorm(batching):
     tasks = _classification_tasks()
-    vmapped = MAML(_conv_bn_net(), F.cross_entropy, inner_steps=2, batching="vmap")
+    batched = MAML(_conv_bn_net(), F.cross_entropy, inner_steps=2, batching=batching)
     looped = MAML(_conv_bn_net(), F.cross_entropy, inner_steps=2, batching="loop")
-    looped.load_state_dict(vmapped.state_dict())
-    loss_v, grads_v = _meta_grads(vmapped, tasks)
+    looped.load_state_dict(batched.state_dict())
+    loss_b, grads_b = _meta_grads(batched, tasks)
     loss_l, grads_l = _meta_grads(looped, tasks)
     loss_h, grads_h = _higher_meta_grads(looped, tasks)
-    torch.testing.assert_close(loss_v, loss_l, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_b, loss_l, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss_h, loss_l, rtol=0, atol=1e-6)
-    assert grads_v.keys() == grads_l.keys() == grads_h.keys()
-    assert "model.0.U_kernel" in grads_v
-    for name in grads_v:
-        torch.testing.assert_close(grads_v[name], grads_l[name], rtol=0, atol=1e-6, msg=name)
+    assert grads_b.keys() == grads_l.keys() == grads_h.keys()
+    assert "model.0.U_kernel" in grads_b
+    for name in grads_b:
+        torch.testing.assert_close(grads_b[name], grads_l[name], rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(grads_h[name], grads_l[name], rtol=0, atol=1e-6, msg=name)
     accuracy = {"accuracy": lambda logits, target: (logits.argmax(-1) == target).double().mean()}
-    eval_v = vmapped.evaluate(tasks, accuracy)
+    eval_b = batched.evaluate(tasks, accuracy, chunk_size=2)
     eval_l = looped.evaluate(tasks, accuracy)
     for key in ("loss", "accuracy"):
-        torch.testing.assert_close(eval_v[key], eval_l[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(eval_b[key], eval_l[key], rtol=0, atol=1e-6)
 
 
 def test_torch_batchnorm_runs_on_the_loop_path_only():
@@ -174,6 +175,26 @@ def test_adapt_returns_an_adapted_copy_and_leaves_the_model_alone():
     torch.testing.assert_close(F.mse_loss(adapted(xq), yq), expected)
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_test_time_inner_steps_equal_a_learner_trained_with_them(batching):
+    """``evaluate`` / ``adapt`` with ``inner_steps=k`` score as a learner built with k steps
+    (same initialization), and leave the training's step count in place, even after an error."""
+    tasks = _regression_tasks()
+    torch.manual_seed(0)
+    one_step = MAML(_mlp(), inner_steps=1, batching=batching)
+    torch.manual_seed(0)
+    three_steps = MAML(_mlp(), inner_steps=3, batching=batching)
+    expected = three_steps.evaluate(tasks)["loss"]
+    torch.testing.assert_close(one_step.evaluate(tasks, inner_steps=3)["loss"], expected)
+    assert not torch.allclose(one_step.evaluate(tasks)["loss"], expected)
+    xs, ys = tasks.x_support[0], tasks.y_support[0]
+    for name, param in three_steps.adapt(xs, ys).named_parameters():
+        torch.testing.assert_close(one_step.adapt(xs, ys, inner_steps=3).get_parameter(name), param)
+    with pytest.raises(ValueError, match=r"inner_steps must be a non-negative integer, got 2\.5"):
+        one_step.evaluate(tasks, inner_steps=2.5)
+    assert one_step.inner_steps == 1
+
+
 def test_fixed_inner_lr_and_custom_fast_set():
     maml = MAML(_mlp(), learn_inner_lr=False, fast_parameters=["2.v", "2.bias"])
     assert maml.fast_names == ("2.v", "2.bias")
@@ -187,7 +208,7 @@ def test_fixed_inner_lr_and_custom_fast_set():
     [
         ({"inner_steps": -1}, "inner_steps must be a non-negative integer, got -1"),
         ({"inner_lr": 0.0}, "inner_lr must be a positive finite number, got 0.0"),
-        ({"batching": "pmap"}, "batching must be 'vmap' or 'loop', got 'pmap'"),
+        ({"batching": "pmap"}, "batching must be 'vmap', 'loop' or 'grouped', got 'pmap'"),
         ({"fast_parameters": ["0.U"]}, r"fast_parameters \['0.U'\] are not adaptable"),
     ],
 )
