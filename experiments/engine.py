@@ -93,7 +93,7 @@ class Experiment:
     default_preset = "quick"
     metric = "mse"  # the results field averaged over seeds
     metric_label = "MSE"  # its name in the printed tables
-    draws_figures = True
+    figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
 
     @property
     def preset_names(self) -> list[str]:
@@ -119,6 +119,10 @@ class Experiment:
     def job_name(self, tags: Tags) -> str:
         """The job's part of its file names (model_<name>.pt, U_<name>.png)."""
         return "_".join(str(v) for k, v in tags.items() if k != "seed") + f"_s{tags['seed']}"
+
+    def figure_path(self, out: Path, tags: Tags) -> Path:
+        """Where the job's figure goes in the run directory ``out``."""
+        return out / f"{self.figure_prefix}_{self.job_name(tags)}.png"
 
     def tune(
         self,
@@ -326,7 +330,7 @@ def run_job(
     entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
     entry["device"] = str(device)
     if plan.draw is not None and (figure := plan.draw(entry)) is not None:
-        save_figure(figure, args.out / f"U_{experiment.job_name(tags)}.png")
+        save_figure(figure, experiment.figure_path(args.out, tags))
     return entry
 
 

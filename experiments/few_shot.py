@@ -31,7 +31,7 @@ from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95
 from experiments.presets import FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
 from experiments.runfiles import save_figure
-from msr import MAML, EpisodicLearner, ProtoNet, accuracy, viz
+from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy, viz
 from msr.data import (
     ImageClasses,
     augment_images,
@@ -41,9 +41,11 @@ from msr.data import (
     sample_episodes,
 )
 from msr.models import conv4
+from msr.symmetry import adapted_image_symmetry, factor_singular_values
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
 DATASETS = ("omniglot", "miniimagenet")
+CHANNELS = {"omniglot": 1, "miniimagenet": 3}
 DEFAULT_DATA = {
     "omniglot": REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
 }
@@ -147,6 +149,42 @@ def build_learner(method: str, channels: int, ways: int, cfg: FewShotConfig) -> 
     )
 
 
+def analyze(
+    learner: EpisodicLearner, tasks: TaskBatch, inner_steps: int | None, max_steps: int
+) -> dict[str, Any]:
+    """What a trained learner's adapted networks do with the augmentation's transformations, on
+    held-out ``tasks`` (``msr.symmetry.adapted_image_symmetry``: per conv block and for the
+    logits), and for a MAML-family learner how its inner problem is conditioned: the mean
+    support loss after 0..``max_steps`` inner steps and ``MAML.inner_curvature`` (means)."""
+    if isinstance(learner, MAML):
+
+        def adapt(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Sequential, Any]:
+            network = learner.adapt(x, y, inner_steps=inner_steps)
+            return network, network
+
+    else:
+
+        def adapt(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Sequential, Any]:
+            return learner.model, learner.classifier(x, y)
+
+    found: dict[str, Any] = {
+        "episodes": tasks.num_tasks,
+        "image_symmetry": adapted_image_symmetry(adapt, tasks),
+    }
+    if isinstance(learner, MAML):
+        support = TaskBatch(tasks.x_support, tasks.y_support, tasks.x_support, tasks.y_support)
+        found["support_loss_by_inner_steps"] = {
+            str(k): learner.evaluate(support, inner_steps=k)["loss"].mean().item()
+            for k in range(max_steps + 1)
+        }
+        ends = [learner.inner_curvature(*tasks.task(i)[:2]) for i in range(tasks.num_tasks)]
+        found["inner_curvature"] = {
+            "smallest": sum(e[0] for e in ends) / len(ends),
+            "largest": sum(e[1] for e in ends) / len(ends),
+        }
+    return found
+
+
 class FewShot(Experiment):
     """Table 3: Conv-4 learners on augmented few-shot episodes."""
 
@@ -157,7 +195,7 @@ class FewShot(Experiment):
     default_preset = "cpu"
     metric = "accuracy"
     metric_label = "accuracy (%)"
-    draws_figures = False
+    figure_prefix = "symmetry"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="the data set")
@@ -231,9 +269,11 @@ class FewShot(Experiment):
     def plan(
         self, tags: Tags, cfg: FewShotConfig, args: argparse.Namespace | None, device: torch.device
     ) -> Plan:  # type: ignore[override]
-        train, val, test = self._splits(args, cfg, device)
         method, ways, shots = tags["method"], tags["ways"], tags["shots"]
-        learner = build_learner(method, train.image_shape[0], ways, cfg).to(device)
+        # no data when redrawing a figure (args is None): the learner alone, from the tags
+        train, val, test = (None,) * 3 if args is None else self._splits(args, cfg, device)
+        channels = CHANNELS[tags["dataset"]] if train is None else train.image_shape[0]
+        learner = build_learner(method, channels, ways, cfg).to(device)
 
         def episodes(classes: ImageClasses, count: int, generator: torch.Generator) -> Any:
             return sample_episodes(
@@ -265,6 +305,12 @@ class FewShot(Experiment):
                 }
                 inner_steps = int(max(curve, key=lambda k: (curve[k], -int(k))))
             mean, ci95 = mean_ci95(score(test, cfg.test_tasks, inner_steps))
+            held_out = episodes(
+                test, cfg.analysis_tasks, torch.Generator(device=device).manual_seed(tags["seed"])
+            )
+            found = analyze(learner, held_out, inner_steps, max(cfg.test_inner_steps))
+            if method == "msr":
+                found["factor_singular_values"] = factor_singular_values(learner.model)
             paper = PAPER_TABLE3[method].get((tags["dataset"], ways, shots), (None, None))
             return {
                 "accuracy": mean,
@@ -277,13 +323,26 @@ class FewShot(Experiment):
                 "paper_ci95": paper[1],
                 "chance": 100.0 / ways,
                 "parameters": count_parameters(learner),
+                "analysis": found,
             }
+
+        def draw(entry: dict[str, Any]) -> Any:
+            """Each transform's equivariance error per conv block of the adapted network."""
+            symmetry = entry["analysis"]["image_symmetry"]
+            return viz.plot_curves(
+                {name: dict(enumerate(row["blocks"], 1)) for name, row in symmetry.items()},
+                "conv block",
+                "equivariance error of its output",
+                f"{self.job_name(tags)}: adapted network on {entry['analysis']['episodes']} "
+                f"test episodes (accuracy {entry['accuracy']:.1f}%)",
+            )
 
         return Plan(
             learner,
             lambda generator: episodes(train, cfg.meta_batch, generator),
             lambda: {"val_accuracy": score(val, cfg.val_tasks).mean().item()},
             result,
+            draw,
             stream_device=device,
         )
 
@@ -307,10 +366,16 @@ class FewShot(Experiment):
                 f"| {r['accuracy']:.1f} ± {r['ci95']:.1f} | {steps} "
                 f"| {paper} | {r['chance']:.0f} | {r['parameters']:,} |"
             )
+        lines += [
+            "",
+            "The adapted networks on held-out test episodes (#27): per transform the logits'"
+            " invariance error (predictions kept); the inner problem's sharpness (stable below 2)"
+            " and support loss before -> after one step:",
+            "",
+        ]
+        lines += [_analysis_line(r) for r in results["runs"] if r.get("analysis")]
         curves = {
-            f"{r['method']} {r['ways']}w{r['shots']}s s{r['seed']}": curve
-            for r in results["runs"]
-            if (curve := r["val_accuracy_by_inner_steps"])
+            _label(r): curve for r in results["runs"] if (curve := r["val_accuracy_by_inner_steps"])
         }
         if not curves:
             return lines
@@ -333,6 +398,25 @@ class FewShot(Experiment):
         )
         save_figure(figure, args.out / "curve_inner_steps.png")
         return lines
+
+
+def _label(run: dict[str, Any]) -> str:
+    return f"{run['method']} {run['ways']}w{run['shots']}s s{run['seed']}"
+
+
+def _analysis_line(run: dict[str, Any]) -> str:
+    found = run["analysis"]
+    line = f"{_label(run)}: " + ", ".join(
+        f"{name} {row['logits']:.3f} ({100 * row['agreement']:.0f}%)"
+        for name, row in found["image_symmetry"].items()
+    )
+    if "inner_curvature" in found:
+        losses, ends = found["support_loss_by_inner_steps"], found["inner_curvature"]
+        line += (
+            f"; curvature {ends['smallest']:.2f} .. {ends['largest']:.2f}, support loss "
+            f"{losses['0']:.3f} -> {losses['1']:.3f}"
+        )
+    return line
 
 
 EXPERIMENT = FewShot()

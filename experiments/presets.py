@@ -59,6 +59,7 @@ class FewShotConfig(RunConfig):
     # ``selection_tasks`` validation episodes and is tested once, at its best (ties: fewer steps)
     test_inner_steps: tuple[int, ...] = (1, 3, 5, 10)
     selection_tasks: int = 600
+    analysis_tasks: int = 50  # held-out episodes of the symmetry and conditioning analysis
 
     def __post_init__(self) -> None:
         grid = self.test_inner_steps
@@ -114,6 +115,7 @@ _TINY_FEW_SHOT = FewShotConfig(
     eval_chunk=2,  # validations in several chunks, so that a stop can land inside one
     test_inner_steps=(1, 2),
     selection_tasks=4,
+    analysis_tasks=2,
 )
 # Table 3 (experiments.few_shot), per data set.
 FEW_SHOT = {

@@ -2,8 +2,8 @@
 
     python -m experiments.redraw DIR
 
-For every DIR/model_*.pt of an experiment that draws figures (``experiments.synthetic``,
-``experiments.rotation``), the job's plan is rebuilt from the file's driver, tags and config, its
+For every DIR/model_*.pt (of ``experiments.synthetic``, ``experiments.rotation`` or
+``experiments.few_shot``), the job's plan is rebuilt from the file's driver, tags and config, its
 learned state loaded (with ``weights_only=True``), and its figure drawn again into DIR, titled
 with the job's numbers from DIR/results.json. Use it after changing the plotting code, or on a
 run copied from elsewhere.
@@ -40,8 +40,8 @@ def redraw_run(out: Path) -> list[Path]:
         experiment = EXPERIMENTS.get(saved["driver"])
         if experiment is None:
             raise RunError(f"{path}: unknown driver {saved['driver']!r}")
-        if not experiment.draws_figures or saved["step"] < saved["config"]["steps"]:
-            continue  # no figure, or a job still training
+        if saved["step"] < saved["config"]["steps"]:
+            continue  # a job still training
         tags = saved["tags"]
         entry = next((r for r in runs if all(r.get(k) == v for k, v in tags.items())), None)
         if entry is None:
@@ -50,7 +50,7 @@ def redraw_run(out: Path) -> list[Path]:
         plan = experiment.plan(tags, experiment.config_type(**saved["config"]), None, cpu)
         plan.learner.load_state_dict(saved["state_dict"])
         if plan.draw is not None and (figure := plan.draw(entry)) is not None:
-            written.append(save_figure(figure, out / f"U_{experiment.job_name(tags)}.png"))
+            written.append(save_figure(figure, experiment.figure_path(out, tags)))
     return written
 
 

@@ -35,6 +35,7 @@ RUN_OUTPUTS = (
     "model_*.pt",
     "U_*.png",
     "curve_*.png",
+    "symmetry_*.png",
     "tensorboard",
 )
 LOCK_NAME = ".lock"

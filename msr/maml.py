@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -189,6 +189,35 @@ class MAML(EpisodicLearner):
             fast = {n: fast[n] - lrs[n] * g for n, g in zip(fast, values, strict=True)}
         return self._scores_per_task(forward(fast, tasks.x_query), tasks.y_query, metrics)
 
+    def inner_curvature(
+        self, x_support: Tensor, y_support: Tensor, iterations: int = 100
+    ) -> tuple[float, float]:
+        """How hard one task's inner problem is for the learned step: the (smallest, largest)
+        eigenvalues of D^1/2 H D^1/2, with H the Hessian of the support loss in the fast
+        parameters at their meta-learned initialization and D the learned per-tensor inner
+        lrs (power iteration on Hessian-vector products from a fixed start, then again shifted
+        by the first eigenvalue found, for the other end of the spectrum). One gradient step with
+        these lrs is stable along every direction when the largest is below 2; negative ones are
+        directions of negative curvature. For an MSR layer H is taken in v, so U shapes it."""
+        state, lrs = self._state(detach=True)
+        fast = _differentiable({n: state[n] for n in lrs})
+        rest = {n: t for n, t in state.items() if n not in fast}
+        scales = [lrs[n].sqrt() for n in fast]
+        with torch.enable_grad():
+            prediction = functional_call(self.model, {**rest, **fast}, (x_support,))
+            grads = torch.autograd.grad(
+                self._loss(prediction, y_support, "support"), list(fast.values()), create_graph=True
+            )
+
+            def product(vector: list[Tensor]) -> list[Tensor]:  # D^1/2 H D^1/2 vector
+                scaled = [s * v for s, v in zip(scales, vector, strict=True)]
+                image = torch.autograd.grad(grads, list(fast.values()), scaled, retain_graph=True)
+                return [s * h for s, h in zip(scales, image, strict=True)]
+
+            first = _power_iteration(product, list(fast.values()), iterations, shift=0.0)
+            other = _power_iteration(product, list(fast.values()), iterations, shift=first)
+        return min(first, other), max(first, other)
+
     @contextmanager
     def _steps(self, inner_steps: int | None) -> Iterator[None]:
         """Inside, the inner loop takes ``inner_steps`` steps (None: the training's)."""
@@ -228,6 +257,26 @@ class MAML(EpisodicLearner):
         for name, tensor in adapted.items():
             _assign(clone, name, tensor.detach())
         return clone
+
+
+def _power_iteration(
+    product: Callable[[list[Tensor]], list[Tensor]],
+    like: list[Tensor],
+    iterations: int,
+    shift: float,
+) -> float:
+    """The eigenvalue of largest magnitude of the symmetric map v -> product(v) - shift * v,
+    plus ``shift`` (so with ``shift`` at one end of the spectrum it finds the other end)."""
+    generator = torch.Generator(device=like[0].device).manual_seed(0)
+    vector = [torch.randn(t.shape, generator=generator, device=t.device) for t in like]
+    value = 0.0
+    for _ in range(iterations):
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        image = [u - shift * v for u, v in zip(product(vector), vector, strict=True)]
+        value = float(sum((v * u).sum() for v, u in zip(vector, image, strict=True)))
+        vector = [u.detach() for u in image]
+    return value + shift
 
 
 def _differentiable(fast: dict[str, Tensor]) -> dict[str, Tensor]:

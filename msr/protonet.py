@@ -7,8 +7,9 @@ whole encoder is meta-learned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -55,6 +56,20 @@ class ProtoNet(EpisodicLearner):
         support = functional_call(self.model, state, (x_support,))
         query = functional_call(self.model, state, (x_query,))
         return self._distances(support, y_support, query)
+
+    def classifier(self, x_support: Tensor, y_support: Tensor) -> Callable[[Tensor], Tensor]:
+        """The classifier of one task, for inspection: query images -> logits against the
+        prototypes of (``x_support``, ``y_support``), with the current encoder (no graph)."""
+        state = self._state(detach=True)
+        with torch.no_grad():
+            support = functional_call(self.model, state, (x_support,))
+
+        def classify(x_query: Tensor) -> Tensor:
+            with torch.no_grad():
+                query = functional_call(self.model, state, (x_query,))
+            return self._distances(support, y_support, query)
+
+        return classify
 
     def _distances(self, support: Tensor, y_support: Tensor, query: Tensor) -> Tensor:
         """One task's logits from its support and query embeddings."""

@@ -6,11 +6,15 @@ identifiable. ``B`` is the true sharing basis (e.g. ``msr.bases.conv1d``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from msr.layers import MSRConv2d
 
 if TYPE_CHECKING:
     from msr.episodic import TaskBatch
@@ -174,3 +178,93 @@ def adapted_group_equivariance_error(
                 for g in group.grid_elements[1:]
             ]
     return sum(errors) / len(errors)
+
+
+# The transformations of the few-shot query augmentation, each one fixed element.
+IMAGE_TRANSFORMS = ("h-flip", "v-flip", "rot90", "rot+30", "rot-30")
+
+
+def transform_images(x: Tensor, name: str) -> Tensor:
+    """One of ``IMAGE_TRANSFORMS`` applied to images or feature maps (..., H, W): the flips and
+    the quarter turn permute pixels exactly; the ±30° turns resample bilinearly about the
+    centre (zeros outside), as the augmentation does."""
+    if name == "h-flip":
+        return x.flip(-1)
+    if name == "v-flip":
+        return x.flip(-2)
+    if name == "rot90":
+        return x.rot90(1, (-2, -1))
+    if name not in ("rot+30", "rot-30"):
+        raise ValueError(f"unknown transform {name!r}; expected one of {IMAGE_TRANSFORMS}")
+    angle = math.radians(30.0 if name == "rot+30" else -30.0)
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    theta = torch.tensor(
+        [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]],
+        dtype=x.dtype,
+        device=x.device,
+    ).expand(flat.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    moved = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved.reshape(x.shape)
+
+
+def image_symmetry_errors(
+    network: nn.Sequential, classify: Callable[[Tensor], Tensor], x: Tensor, transform: str
+) -> dict[str, Any]:
+    """How far ``network`` is from commuting with ``transform`` on the images ``x``: per conv
+    block (the output of each ``nn.MaxPool2d``), ``equivariance_error(f(T x), T f(x))``; for the
+    class scores ``classify(x)``, the invariance error ``equivariance_error(c(T x), c(x))`` and
+    the share of images whose predicted class ``T`` leaves unchanged."""
+    moved = transform_images(x, transform)
+    blocks, h, h_moved = [], x, moved
+    with torch.no_grad():
+        for module in network:
+            h, h_moved = module(h), module(h_moved)
+            if isinstance(module, nn.MaxPool2d):
+                blocks.append(equivariance_error(h_moved, transform_images(h, transform)))
+        scores, moved_scores = classify(x), classify(moved)
+    return {
+        "blocks": blocks,
+        "logits": equivariance_error(moved_scores, scores),
+        "agreement": float((scores.argmax(-1) == moved_scores.argmax(-1)).double().mean()),
+    }
+
+
+def adapted_image_symmetry(
+    adapt: Callable[[Tensor, Tensor], tuple[nn.Sequential, Callable[[Tensor], Tensor]]],
+    tasks: TaskBatch,
+    transforms: Sequence[str] = IMAGE_TRANSFORMS,
+) -> dict[str, dict[str, Any]]:
+    """``image_symmetry_errors`` of the network each task adapts to, on its query images, per
+    transform, averaged over ``tasks``. ``adapt(x_support, y_support)`` gives (the adapted
+    network, its classifier of query images): e.g. ``maml.adapt`` and the network itself, or a
+    ProtoNet's encoder and its prototype classifier."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in transforms}
+    for index in range(tasks.num_tasks):
+        network, classify = adapt(tasks.x_support[index], tasks.y_support[index])
+        for name in transforms:
+            rows[name].append(image_symmetry_errors(network, classify, tasks.x_query[index], name))
+    return {
+        name: {
+            "blocks": [
+                sum(col) / len(col) for col in zip(*(r["blocks"] for r in found), strict=True)
+            ],
+            "logits": sum(r["logits"] for r in found) / len(found),
+            "agreement": sum(r["agreement"] for r in found) / len(found),
+        }
+        for name, found in rows.items()
+    }
+
+
+def factor_singular_values(model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """The singular values (descending) of every Kronecker factor (U_out, U_in, U_kernel) of
+    each ``MSRConv2d`` in ``model``, by layer name: how far each learned factor is from the
+    identity it started at, and which directions it keeps."""
+    return {
+        name: {
+            factor: torch.linalg.svdvals(getattr(layer, factor).detach().double()).tolist()
+            for factor in ("U_out", "U_in", "U_kernel")
+        }
+        for name, layer in model.named_modules()
+        if isinstance(layer, MSRConv2d) and layer.kronecker
+    }

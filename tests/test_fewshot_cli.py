@@ -117,6 +117,31 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
     assert protonet["test_inner_steps"] is None and protonet["val_accuracy_by_inner_steps"] is None
     assert "by test-time inner steps" in done.stdout
     assert (grid_run / "curve_inner_steps.png").stat().st_size > 0
+    # the analysis of the adapted networks, its summary line and figure, redrawn from the files
+    for run in (maml, protonet):
+        symmetry = run["analysis"]["image_symmetry"]
+        assert list(symmetry) == ["h-flip", "v-flip", "rot90", "rot+30", "rot-30"]
+        assert all(
+            len(row["blocks"]) == 4 and 0 <= row["agreement"] <= 1 for row in symmetry.values()
+        )
+    losses = maml["analysis"]["support_loss_by_inner_steps"]
+    assert list(losses) == ["0", "1", "2", "3", "4"] and losses["1"] < losses["0"]
+    curvature = maml["analysis"]["inner_curvature"]
+    assert curvature["smallest"] <= curvature["largest"]
+    assert "inner_curvature" not in protonet["analysis"]
+    assert "maml 5w1s s0: h-flip" in done.stdout and "protonet 5w1s s0: h-flip" in done.stdout
+    figures = sorted(grid_run.glob("symmetry_*.png"))
+    assert [f.name for f in figures] == [
+        "symmetry_maml_omniglot_5w1s_s0.png",
+        "symmetry_protonet_omniglot_5w1s_s0.png",
+    ]
+    drawn = [f.read_bytes() for f in figures]
+    redraw = subprocess.run(
+        [sys.executable, "-m", "experiments.redraw", str(grid_run)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert redraw.returncode == 0, redraw.stderr
+    assert [f.read_bytes() for f in figures] == drawn
     chosen = str(maml["test_inner_steps"])
     _run("--methods", "maml", "--preset", "tiny", "--test-inner-steps", chosen, "--out", fixed_run)
     (fixed,) = json.loads((fixed_run / "results.json").read_text())["runs"]

@@ -1,5 +1,7 @@
 """The functional MAML engine against `higher`, finite differences and itself."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,35 @@ def test_meta_loss_backward_equals_meta_backward(batching, learner_kind):
     loss.backward()
     for name, parameter in learner.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
+    """Both ends of D^1/2 H D^1/2's spectrum, against the Hessian built entry by entry."""
+    torch.manual_seed(3)
+    model = nn.Sequential(MSRLinear(3, 4, 5, bias=True), nn.Tanh(), nn.Linear(4, 2)).double()
+    maml = MAML(model, inner_lr=0.3)
+    with torch.no_grad():
+        maml.inner_lrs["2__weight"].fill_(0.05)  # one lr per tensor: D is not a multiple of I
+    xs, ys = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    names = list(maml.fast_names)
+    shapes = [model.get_parameter(n).shape for n in names]
+    sizes = [math.prod(shape) for shape in shapes]
+    start = torch.cat([model.get_parameter(n).detach().flatten() for n in names])
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+
+    def support_loss(flat):
+        fast = {
+            n: piece.view(shape)
+            for n, piece, shape in zip(names, flat.split(sizes), shapes, strict=True)
+        }
+        return F.mse_loss(torch.func.functional_call(model, {**rest, **fast}, (xs,)), ys)
+
+    hessian = torch.autograd.functional.hessian(support_loss, start)
+    lrs = torch.cat(
+        [maml.inner_lrs[n.replace(".", "__")].detach().expand(size) for n, size in
+         zip(names, sizes, strict=True)]
+    )  # fmt: skip
+    exact = torch.linalg.eigvalsh(lrs.sqrt()[:, None] * hessian * lrs.sqrt()[None, :])
+    smallest, largest = maml.inner_curvature(xs, ys, iterations=400)
+    assert smallest == pytest.approx(exact[0].item(), rel=1e-3, abs=1e-6)
+    assert largest == pytest.approx(exact[-1].item(), rel=1e-3)

@@ -4,21 +4,26 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from msr import MSRConv2d, MSRLinear, TaskBatch, bases
 from msr.groups import get_group
 from msr.symmetry import (
     adapted_group_equivariance_error,
+    adapted_image_symmetry,
     adapted_translation_equivariance_error,
     effective_basis,
     energy_share,
     equivariance_error,
+    factor_singular_values,
     grassmann_distance,
+    image_symmetry_errors,
     kernel_mode_matrix,
     nearest_group,
     principal_angles,
     recovery_scores,
     subspace_recall,
+    transform_images,
     translation_equivariance_error,
 )
 
@@ -134,3 +139,56 @@ def test_an_adapted_group_convolution_is_group_equivariant_and_a_plain_one_is_no
     tasks = _tasks(torch.randn(3, 2, 1, 7, 7), torch.randn(3, 2, 1, 7, 7))
     assert adapted_group_equivariance_error(lambda x, y: lifting, tasks, group) < 1e-6
     assert adapted_group_equivariance_error(lambda x, y: plain, tasks, group) > 0.1
+
+
+def test_image_transforms_are_the_augmentations_elements():
+    x = torch.randn(2, 3, 1, 8, 8)
+    assert torch.equal(transform_images(x, "h-flip"), x.flip(-1))
+    assert torch.equal(transform_images(x, "v-flip"), x.flip(-2))
+    assert torch.equal(transform_images(transform_images(x, "rot90"), "rot90"), x.flip(-1, -2))
+    # a smooth image turned by +30 then -30 degrees is itself away from the corners
+    grid = torch.linspace(-1, 1, 33)
+    blob = torch.exp(-8 * (grid[:, None] ** 2 + (grid[None, :] - 0.2) ** 2))
+    back = transform_images(transform_images(blob, "rot+30"), "rot-30")
+    assert (back - blob)[8:25, 8:25].abs().max() < 0.05
+    assert (transform_images(blob, "rot+30") - blob).abs().max() > 0.2
+    with pytest.raises(ValueError, match="unknown transform 'rot45'"):
+        transform_images(x, "rot45")
+
+
+def test_image_symmetry_errors_tell_an_equivariant_block_from_one_that_is_not():
+    """A conv whose kernel is mirror-symmetric, then a 2x2 max-pool, commutes with h-flip (not
+    with v-flip); a global average then makes the scores h-flip invariant."""
+    conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+    with torch.no_grad():
+        kernel = torch.randn(2, 1, 3, 3)
+        conv.weight.copy_(kernel + kernel.flip(-1))
+    network = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2))
+
+    def classify(x):
+        return network(x).mean((-2, -1))
+
+    x = torch.randn(6, 1, 8, 8)
+    flipped = image_symmetry_errors(network, classify, x, "h-flip")
+    assert flipped["blocks"][0] < 1e-6 and flipped["logits"] < 1e-6
+    assert flipped["agreement"] == 1.0
+    upside_down = image_symmetry_errors(network, classify, x, "v-flip")
+    assert upside_down["blocks"][0] > 0.1
+
+
+def test_adapted_image_symmetry_averages_over_tasks_and_factor_singular_values():
+    network = nn.Sequential(MSRConv2d(1, 3, 3, padding=1), nn.MaxPool2d(2), nn.Flatten())
+    tasks = TaskBatch(*(torch.randn(4, 5, 1, 6, 6) for _ in range(2)), torch.randn(4, 5, 1, 6, 6),
+                      torch.zeros(4, 5))  # fmt: skip
+    found = adapted_image_symmetry(lambda x, y: (network, network), tasks, ["h-flip", "rot90"])
+    assert list(found) == ["h-flip", "rot90"] and len(found["rot90"]["blocks"]) == 1
+    single = [
+        image_symmetry_errors(network, network, tasks.x_query[i], "rot90")["blocks"][0]
+        for i in range(4)
+    ]
+    assert found["rot90"]["blocks"][0] == pytest.approx(sum(single) / 4)
+    with torch.no_grad():
+        network[0].U_out.copy_(torch.diag(torch.tensor([1.0, 3.0, 2.0])))
+    values = factor_singular_values(network)
+    assert list(values) == ["0"] and values["0"]["U_out"] == pytest.approx([3.0, 2.0, 1.0])
+    assert values["0"]["U_kernel"] == pytest.approx([1.0] * 9)
