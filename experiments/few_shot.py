@@ -369,7 +369,8 @@ class FewShot(Experiment):
         lines += [
             "",
             "The adapted networks on held-out test episodes (#27): per transform the logits'"
-            " invariance error (predictions kept); the inner problem's sharpness (stable below 2)"
+            " invariance error (predictions kept); the inner problem's curvature (smallest .."
+            " largest eigenvalue of the lr-scaled support Hessian; one step is stable below 2)"
             " and support loss before -> after one step:",
             "",
         ]

@@ -1,9 +1,13 @@
 """Helpers shared by the test modules that stop runs and compare their files across resumes."""
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from conftest import REPO_ROOT
 
 from experiments.cli import run_cli
 
@@ -52,3 +56,14 @@ def error_lines(stderr: str) -> list[str]:
     """The error lines of a command's stderr; a traceback in it is an ``AssertionError``."""
     assert "Traceback" not in stderr, stderr
     return [line for line in stderr.splitlines() if "error:" in line]
+
+
+def assert_redraw_reproduces(out: Path, figures: Sequence[Path]) -> None:
+    """``python -m experiments.redraw out`` rewrites ``figures`` with the same bytes."""
+    drawn = [f.read_bytes() for f in figures]
+    redraw = subprocess.run(
+        [sys.executable, "-m", "experiments.redraw", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert redraw.returncode == 0, redraw.stderr
+    assert [f.read_bytes() for f in figures] == drawn

@@ -6,7 +6,7 @@ import sys
 
 import torch
 from conftest import REPO_ROOT
-from run_records import driver_status
+from run_records import assert_redraw_reproduces, driver_status
 
 from experiments import engine, few_shot
 from experiments.presets import FEW_SHOT
@@ -135,13 +135,7 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
         "symmetry_maml_omniglot_5w1s_s0.png",
         "symmetry_protonet_omniglot_5w1s_s0.png",
     ]
-    drawn = [f.read_bytes() for f in figures]
-    redraw = subprocess.run(
-        [sys.executable, "-m", "experiments.redraw", str(grid_run)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert redraw.returncode == 0, redraw.stderr
-    assert [f.read_bytes() for f in figures] == drawn
+    assert_redraw_reproduces(grid_run, figures)
     chosen = str(maml["test_inner_steps"])
     _run("--methods", "maml", "--preset", "tiny", "--test-inner-steps", chosen, "--out", fixed_run)
     (fixed,) = json.loads((fixed_run / "results.json").read_text())["runs"]

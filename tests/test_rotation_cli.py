@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
+from run_records import assert_redraw_reproduces
 
 from experiments.presets import ROTATION
 from experiments.rotation import METHODS, PROTOCOLS, make_data
@@ -74,13 +75,7 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     assert [f.name for f in figures] == sorted(
         f"U_{m}_c8_{p}_s1.png" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
     )
-    drawn = [f.read_bytes() for f in figures]
-    redraw = subprocess.run(
-        [sys.executable, "-m", "experiments.redraw", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert redraw.returncode == 0, redraw.stderr
-    assert [f.read_bytes() for f in figures] == drawn
+    assert_redraw_reproduces(out, figures)
 
     # every job is finished: --resume (the config holds tuples, stored as JSON lists) reruns none
     again = _run("--group", "c8", "--seed", "1", "--out", str(out), "--resume")
