@@ -1,7 +1,7 @@
 """Time per outer step of the few-shot paper protocol, and the projected wall time of its preset.
 
-    python -m benchmarks.few_shot_step [--device auto|cpu|cuda] [--repeats 10] [--full]
-        [--preset cpu|cpu-long|paper]
+    python -m benchmarks.few_shot_step [--device auto|cpu|cuda] [--repeats 10] [--rounds 3]
+        [--full] [--preset cpu|cpu-long|paper] [--paths loop grouped ...]
 
 Omniglot 5-way 1-shot as the ``paper`` preset runs it: Conv-4 with 64 channels, 32 tasks per
 step, 15 queries per class, 1 inner step, second order, Adam; the episodes are sampled and
@@ -18,7 +18,10 @@ augmented on the device from the real Omniglot file. For MAML and MSR on each pa
 Each (method, path) runs in a fresh process: the median of ``--repeats`` steps after 2 warm-up
 steps, and the peak memory the steps need above the loaded model and data (CUDA: peak allocated;
 CPU: peak resident-set growth, which includes one-time library buffers), then
-the projection of the preset's 60,000 steps (training only: evaluation adds ~2%). On the CPU the
+the projection of the preset's 60,000 steps (training only: evaluation adds ~2%). A method's
+paths are measured ``--rounds`` times, round-robin, each time in a fresh process, so that a slow
+spell of a shared machine hits every path alike: the time is the median over rounds, a speed-up
+the median of the ratios measured within each round. On the CPU the
 setting is scaled (16 channels, 4 tasks, 5 queries) so that the whole run takes minutes, unless
 ``--full``; the projection is then of that scaled setting. ``--preset`` times a few-shot preset's
 setting instead (e.g. ``cpu-long``: 32 channels, 4 tasks, 5 queries), projected over its steps.
@@ -152,10 +155,38 @@ def run_isolated(method: str, path: str, args: argparse.Namespace) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's rounds as one row: the median time, the largest peak, every round's time."""
+    failed = [row for row in rounds if "error" in row]
+    if failed:
+        return failed[0]
+    times = [row["ms"] for row in rounds]
+    peak = max(row["peak_mib"] for row in rounds)
+    return {"ms": statistics.median(times), "peak_mib": peak, "rounds_ms": times}
+
+
+def grouped_speedups(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, float]:
+    """How many times faster ``grouped`` is than each slower path: the median over rounds of
+    the ratio within a round (both paths measured minutes apart, on the same machine state)."""
+    speedups = {}
+    for slow in ("loop", "higher", "vmap"):
+        ratios = [
+            measured[slow]["ms"] / measured["grouped"]["ms"]
+            for measured in rounds
+            if "ms" in measured.get(slow, {}) and "ms" in measured.get("grouped", {})
+        ]
+        if ratios:
+            speedups[slow] = statistics.median(ratios)
+    return speedups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes per (method, path), round-robin"
+    )
     parser.add_argument("--full", action="store_true", help="the paper setting on the CPU too")
     parser.add_argument(
         "--preset", choices=sorted(FEW_SHOT["omniglot"]), help="time this preset's setting instead"
@@ -163,8 +194,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be positive, got {args.repeats}")
+    if args.repeats < 1 or args.rounds < 1:
+        parser.error(f"--repeats and --rounds must be positive, got {args.repeats}, {args.rounds}")
     device = resolve_device(args.device)
     cfg = FEW_SHOT["omniglot"][args.preset] if args.preset else benchmark_config(device, args.full)
     projected = cfg.steps if args.preset else FEW_SHOT["omniglot"]["paper"].steps
@@ -177,29 +208,29 @@ def main() -> None:
     setting = f"preset {args.preset}" if args.preset else setting_name(cfg)
     print(
         f"Omniglot {WAYS}-way {SHOTS}-shot outer step on {name} ({setting}; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads), median of {args.repeats}:"
+        f"{torch.__version__}, {torch.get_num_threads()} threads), median of {args.repeats} steps "
+        f"in each of {args.rounds} rounds:"
     )
     print(f"method  path      ms/step   peak MiB   {projected:,} steps")
     report: dict[str, Any] = {"device": name, "config": asdict(cfg), "rows": {}}
+    paths = [p for p in args.paths if p != "tf32" or device.type == "cuda"]
+    speedups: dict[str, dict[str, float]] = {}
     for method in METHODS:
-        for path in args.paths:
-            if path == "tf32" and device.type != "cuda":
-                continue
-            row = run_isolated(method, path, args)
+        rounds = [{path: run_isolated(method, path, args) for path in paths}
+                  for _ in range(args.rounds)]  # fmt: skip
+        for path in paths:
+            row = summarize([measured[path] for measured in rounds])
             report["rows"][f"{method}/{path}"] = row
             if "error" in row:
                 print(f"{method:7s} {path:8s} fails: {row['error']}")
                 continue
             hours = row["ms"] * projected / 3.6e6
             print(f"{method:7s} {path:8s} {row['ms']:8.1f} {row['peak_mib']:10.1f} {hours:9.2f} h")
-    for method in METHODS:
-        ms = {path: report["rows"].get(f"{method}/{path}", {}).get("ms") for path in PATHS}
-        for slow in ("loop", "higher", "vmap"):
-            if ms["grouped"] and ms[slow]:
-                print(f"{method}: grouped is {ms[slow] / ms['grouped']:.2f}x faster than {slow}")
-    loops = [report["rows"].get(f"{m}/loop", {}).get("ms") for m in METHODS]
-    if all(loops):
-        print(f"msr / maml (loop): {loops[1] / loops[0]:.2f}x")
+        speedups[method] = grouped_speedups(rounds)
+    for method, ratios in speedups.items():
+        for slow, ratio in ratios.items():
+            print(f"{method}: grouped is {ratio:.2f}x faster than {slow}")
+    report["speedups"] = speedups
     print(json.dumps(report))
 
 

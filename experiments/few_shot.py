@@ -6,7 +6,8 @@
 Methods on the Conv-4 backbone: maml, maml-big (wider, at least as many meta-parameters as
 msr), anil (only the head adapts), protonet, msr (every conv an MSRConv2d with a learned
 Kronecker U). Only the query sets are augmented (crop, flips, rotation), so the learned update
-has to absorb those symmetries. Each job (method, ways, shots, seed) is validated on
+has to absorb those symmetries; ``--augment none`` leaves the meta-training queries plain (an
+ablation: validation and test stay augmented). Each job (method, ways, shots, seed) is validated on
 ``val_tasks`` episodes every ``eval_every`` steps and tested on ``test_tasks`` episodes of the
 test classes (accuracy ± 95% CI beside the paper's number), through ``experiments.engine``.
 ``--device`` picks the device: the images are moved there once, and every episode is sampled
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from experiments import engine
 from experiments.cli import positive_int, raise_if_stopped, run_cli
 from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95
-from experiments.presets import FEW_SHOT, FewShotConfig
+from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
 from experiments.runfiles import save_figure
 from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy, viz
@@ -218,6 +219,13 @@ class FewShot(Experiment):
             help="the grid of test-time inner step counts each MAML-family job is scored at on "
             "validation episodes (tested once, at its best); default: the preset's (1 3 5 10)",
         )
+        parser.add_argument(
+            "--augment",
+            choices=AUGMENT,
+            help="the meta-training query sets: augmented (queries, the paper's and the "
+            "presets') or not (none, an ablation); validation and test episodes are augmented "
+            "either way, so accuracies stay comparable",
+        )
 
     def check_arguments(self, args: argparse.Namespace) -> None:
         args.data = args.data or DEFAULT_DATA.get(args.dataset)
@@ -236,6 +244,8 @@ class FewShot(Experiment):
         cfg = FEW_SHOT[args.dataset][args.preset]
         if args.test_inner_steps is not None:
             cfg = replace(cfg, test_inner_steps=tuple(args.test_inner_steps))
+        if args.augment is not None:
+            cfg = replace(cfg, augment=args.augment)
         return cfg
 
     def check(self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device) -> None:  # type: ignore[override]
@@ -275,10 +285,11 @@ class FewShot(Experiment):
         channels = CHANNELS[tags["dataset"]] if train is None else train.image_shape[0]
         learner = build_learner(method, channels, ways, cfg).to(device)
 
-        def episodes(classes: ImageClasses, count: int, generator: torch.Generator) -> Any:
-            return sample_episodes(
-                classes, count, ways, shots, cfg.queries, generator, augment_images
-            )
+        def episodes(
+            classes: ImageClasses, count: int, generator: torch.Generator, augment: bool = True
+        ) -> Any:
+            transform = augment_images if augment else None
+            return sample_episodes(classes, count, ways, shots, cfg.queries, generator, transform)
 
         def score(
             classes: ImageClasses, count: int, inner_steps: int | None = None
@@ -339,7 +350,7 @@ class FewShot(Experiment):
 
         return Plan(
             learner,
-            lambda generator: episodes(train, cfg.meta_batch, generator),
+            lambda generator: episodes(train, cfg.meta_batch, generator, cfg.augment == "queries"),
             lambda: {"val_accuracy": score(val, cfg.val_tasks).mean().item()},
             result,
             draw,
@@ -349,7 +360,10 @@ class FewShot(Experiment):
     def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         """The accuracy table, the validation accuracy at each test-time step count (and its
         figure, curve_inner_steps.png)."""
-        lines = [
+        lines = []
+        if results["config"].get("augment") == "none":
+            lines += ["Meta-training query sets not augmented (--augment none).", ""]
+        lines += [
             "| method | data | ways | shots | seed | accuracy ± 95% CI | test-time inner steps "
             "| paper | chance | meta-parameters |",
             "| --- " * 10 + "|",

@@ -39,6 +39,9 @@ class RotationConfig(RunConfig):
     sweep_tasks: int = 100  # scored on this many *training* tasks
 
 
+AUGMENT = ("queries", "none")  # FewShotConfig.augment: what the meta-training episodes augment
+
+
 @dataclass(frozen=True)
 class FewShotConfig(RunConfig):
     """Table 3 adds the Conv-4 width, the episode shape and the image size."""
@@ -60,8 +63,13 @@ class FewShotConfig(RunConfig):
     test_inner_steps: tuple[int, ...] = (1, 3, 5, 10)
     selection_tasks: int = 600
     analysis_tasks: int = 50  # held-out episodes of the symmetry and conditioning analysis
+    # the meta-training query sets: "queries" augmented (Aug-Omniglot, the paper's) or "none"
+    # (#27's ablation); validation, test and analysis episodes are augmented either way
+    augment: str = "queries"
 
     def __post_init__(self) -> None:
+        if self.augment not in AUGMENT:
+            raise ValueError(f"augment must be one of {AUGMENT}, got {self.augment!r}")
         grid = self.test_inner_steps
         if not grid or len(set(grid)) != len(grid) or any(k < 0 for k in grid):
             raise ValueError(f"test_inner_steps must be distinct counts >= 0, got {grid}")

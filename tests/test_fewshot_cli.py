@@ -1,9 +1,12 @@
 """End to end: the few-shot driver on real Omniglot, tiny preset, with checkpoints and resume."""
 
+import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
+import pytest
 import torch
 from conftest import REPO_ROOT
 from run_records import assert_redraw_reproduces, driver_status
@@ -65,19 +68,12 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
 def test_every_method_trains_through_the_cli_and_seeds_aggregate(tmp_path):
     methods = [m for m in few_shot.METHODS if m != "msr"]
     done = _run(
-        "--methods",
-        *methods,
-        "--preset",
-        "tiny",
-        "--ways",
-        "3",
-        "--seeds",
-        "0",
-        "1",
-        "--out",
-        tmp_path,
-    )
+        "--methods", *methods, "--preset", "tiny", "--ways", "3", "--seeds", "0", "1",
+        "--augment", "none", "--out", tmp_path,
+    )  # fmt: skip
     result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["augment"] == "none"  # the ablation's queries, shown in the report
+    assert "Meta-training query sets not augmented (--augment none)." in done.stdout
     assert [(r["method"], r["seed"]) for r in result["runs"]] == [
         (m, s) for s in (0, 1) for m in methods
     ]
@@ -152,3 +148,25 @@ def test_bad_test_time_grids_and_presets_are_usage_errors(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "--preset cpu-long is not defined for miniimagenet" in done.stderr
+
+
+def test_augment_none_leaves_only_the_meta_training_queries_plain():
+    cpu, cfg = torch.device("cpu"), FEW_SHOT["omniglot"]["tiny"]
+    args = argparse.Namespace(dataset="omniglot", data=few_shot.DEFAULT_DATA["omniglot"])
+    tags = {"method": "maml", "dataset": "omniglot", "ways": 5, "shots": 1, "seed": 0}
+    train = few_shot.load_splits("omniglot", args.data, cfg.image_size, cpu)[0].flat.flatten(1)
+
+    def plain(images):  # each image an exact copy of a training image
+        distances = torch.cdist(
+            images.flatten(1), train, compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        return (distances < 1e-4).any(1)
+
+    for augment in ("queries", "none"):
+        plan = few_shot.EXPERIMENT.plan(tags, replace(cfg, augment=augment), args, cpu)
+        tasks = plan.meta_batch(torch.Generator().manual_seed(0))
+        assert plain(tasks.x_support.flatten(0, 1)).all()
+        queries = plain(tasks.x_query.flatten(0, 1))
+        assert queries.all() if augment == "none" else not queries.any()
+    with pytest.raises(ValueError, match="augment must be one of"):
+        replace(cfg, augment="flips")
