@@ -194,7 +194,9 @@ class MSRConv2d(SymmetryLayer):
 
     v (``self.v``, shape ``(out, in, kh, kw)``) is the conv kernel; the three square factors are
     identity-initialized, so the layer starts as a plain convolution, and the full
-    ``(out*in*kh*kw)^2`` U is never built. ``learn_U=False`` freezes the factors (MAML-Conv).
+    ``(out*in*kh*kw)^2`` U is never built in the forward pass (``layer.U`` and
+    ``sharing_matrix()`` build it on demand, for inspecting small layers). ``learn_U=False``
+    freezes the factors (MAML-Conv).
     ``MSRConv2d.from_basis`` instead takes a dense U, e.g. a C4/D4 group-convolution basis.
     """
 
@@ -287,6 +289,21 @@ class MSRConv2d(SymmetryLayer):
         if not self.kronecker:
             return self.U
         return kronecker_sharing(self.U_out, self.U_in, self.U_kernel)
+
+    def __getattr__(self, name: str) -> object:
+        """``U`` of a Kronecker layer: ``sharing_matrix()``, built on each access (read-only;
+        the stored tensors are ``U_out``, ``U_in`` and ``U_kernel``), so that ``layer.U`` means
+        the same on every layer."""
+        if name == "U" and self.__dict__.get("kronecker"):
+            return self.sharing_matrix()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "U" and self.__dict__.get("kronecker"):
+            raise AttributeError(
+                "U of a Kronecker MSRConv2d is read-only (built from U_out, U_in, U_kernel)"
+            )
+        super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:

@@ -95,6 +95,14 @@ def test_conv_kronecker_factors_act_as_the_full_kronecker_U():
     torch.testing.assert_close(U, kronecker_sharing(layer.U_out, layer.U_in, layer.U_kernel))
     expected = (U @ layer.v.flatten()).view(3, 2, 2, 3)
     torch.testing.assert_close(layer.weight, expected)
+    # layer.U is the same matrix, built on access, differentiable in the factors, read-only
+    torch.testing.assert_close(layer.U, U)
+    layer.U.sum().backward()
+    assert layer.U_out.grad is not None and "U" not in dict(layer.named_parameters())
+    with pytest.raises(AttributeError, match="read-only"):
+        layer.U = U
+    with pytest.raises(AttributeError, match="no attribute 'V'"):
+        layer.V  # noqa: B018  (other names still fail as on any module)
 
 
 @pytest.mark.parametrize(
