@@ -53,7 +53,7 @@ timeout "${PRECISION_SECONDS:-45}" "$PY" -m benchmarks.precision --device "$DEVI
 
 echo "== few-shot step benchmark" >&2
 full=$([ "$DEVICE" = cpu ] || echo --full)
-timeout "${BENCHMARK_SECONDS:-200}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full \
+timeout "${BENCHMARK_SECONDS:-200}" "$PY" -m benchmarks.few_shot_step --device "$DEVICE" $full --rounds 1 \
     2>&1 | tee "$DEST/benchmark.log"
 
 for method in maml msr; do
