@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +115,13 @@ def add_run_arguments(
     parser.add_argument(
         "--inner-lr", type=positive_finite_float, help="override the initial inner lr"
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        metavar="FIELD=VALUE",
+        help="override any field of the preset (experiments/presets.py), e.g. hidden=64 "
+        "inner_steps=2 symmetry_lr_scale=10; a tuple field takes a comma list (1,3,5)",
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument(
         "--tensorboard",
@@ -171,8 +178,46 @@ def parse(
     except ValueError as error:
         parser.error(str(error))
     overrides = {"steps": args.steps, "batching": args.batching, "inner_lr": args.inner_lr}
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        cfg = with_settings(cfg, args.set or [])
+    except ValueError as error:
+        parser.error(str(error))
     return args, cfg, setup_distributed(args, device)
+
+
+def with_settings(cfg: RunConfig, settings: Sequence[str]) -> RunConfig:
+    """``cfg`` with each ``FIELD=VALUE`` of ``settings`` applied, parsed as the field's default
+    is typed (a tuple as a comma list); an unknown field or a bad value is a ``ValueError``."""
+    known = {field.name: getattr(cfg, field.name) for field in fields(cfg)}
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        name, equals, text = setting.partition("=")
+        if not equals or name not in known:
+            raise ValueError(
+                f"--set {setting}: expected FIELD=VALUE with FIELD one of {', '.join(known)}"
+            )
+        if name in changes:
+            raise ValueError(f"--set {name} is given twice")
+        changes[name] = _typed_like(known[name], text, name)
+    return replace(cfg, **changes)  # RunConfig.__post_init__ checks the values
+
+
+def _typed_like(default: Any, text: str, name: str) -> Any:
+    """``text`` parsed as ``default``'s type."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            return tuple(kind(item) for item in text.split(","))
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(
+            f"--set {name}={text}: expected {type(default).__name__} like {default!r}"
+        ) from None
 
 
 def launched_by_torchrun() -> bool:

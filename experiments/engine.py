@@ -57,7 +57,7 @@ from experiments.runfiles import (
     save_figure,
     write_results,
 )
-from msr import MAML, EpisodicLearner, TaskBatch
+from msr import MAML, EpisodicLearner, TaskBatch, partition_parameters
 from msr.distributed import average_gradients, shard_tasks
 from msr.streams import keyed_generator
 
@@ -357,7 +357,7 @@ def fit(
     another job or config (``identity``, ``cfg`` but ``steps``) is refused.
     """
     learner, tags = plan.learner, tags or {}
-    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
+    optimizer = torch.optim.Adam(outer_groups(learner, cfg), lr=cfg.outer_lr)
     state = _load_checkpoint(checkpoint, identity, cfg, learner, optimizer)
     first = 1 if state is None else state["step"] + 1
     start = time.perf_counter() - (0.0 if state is None else state["elapsed_s"])
@@ -413,6 +413,21 @@ def fit(
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save(step)
     return time.perf_counter() - start
+
+
+def outer_groups(learner: EpisodicLearner, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the learned symmetry (U) at ``cfg.symmetry_lr_scale`` times
+    the outer lr, everything else (initial v, biases, inner lrs) at the outer lr. Each group's
+    ``lr_scale`` carries its share through the cosine schedule."""
+    meta, _ = partition_parameters(learner.model)
+    named = dict(learner.model.named_parameters())
+    symmetry = [named[name] for name in meta] if cfg.symmetry_lr_scale != 1 else []
+    rest = [p for p in learner.parameters() if all(p is not q for q in symmetry)]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if symmetry:
+        lr = cfg.outer_lr * cfg.symmetry_lr_scale
+        groups.append({"params": symmetry, "lr": lr, "lr_scale": cfg.symmetry_lr_scale})
+    return groups
 
 
 def _load_checkpoint(
@@ -483,7 +498,7 @@ def outer_steps(
             average_gradients(learner)
         if learning_rate is not None:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step)
+                group["lr"] = learning_rate(step) * group.get("lr_scale", 1.0)
         optimizer.step()
         yield step, loss
 

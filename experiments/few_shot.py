@@ -32,7 +32,15 @@ from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
 from experiments.runfiles import save_figure
-from msr import MAML, EpisodicLearner, ProtoNet, TaskBatch, accuracy, viz
+from msr import (
+    MAML,
+    EpisodicLearner,
+    ProtoNet,
+    TaskBatch,
+    accuracy,
+    partition_parameters,
+    viz,
+)
 from msr.data import (
     ImageClasses,
     augment_images,
@@ -133,13 +141,20 @@ def build_learner(method: str, channels: int, ways: int, cfg: FewShotConfig) -> 
         return ProtoNet(backbone, ways, batching=cfg.batching)  # type: ignore[arg-type]
     hidden = cfg.hidden
     if method == "maml-big":  # the narrowest net with at least MSR's meta-parameters
-        target = count_parameters(build_learner("msr", channels, ways, cfg))
+        counted = replace(cfg, symmetry_init_noise=0.0)  # counting draws no random numbers
+        target = count_parameters(build_learner("msr", channels, ways, counted))
         while (
             count_parameters(build_learner("maml", channels, ways, replace(cfg, hidden=hidden)))
             < target
         ):
             hidden += 1
     model = conv4(channels, cfg.image_size, hidden, ways, learn_symmetry=method == "msr")
+    if method == "msr" and cfg.symmetry_init_noise > 0:
+        symmetry, _ = partition_parameters(model)
+        with torch.no_grad():  # the factors leave the identity (a plain conv) at random
+            for name, factor in model.named_parameters():
+                if name in symmetry:
+                    factor.add_(torch.randn_like(factor), alpha=cfg.symmetry_init_noise)
     head = [f"{len(model) - 1}.weight", f"{len(model) - 1}.bias"]
     return build_maml(
         model,

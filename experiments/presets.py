@@ -3,12 +3,15 @@
 ``RunConfig`` holds what every experiment shares (the outer loop, the inner loop, evaluation and
 checkpoints); each experiment adds its own fields in a subclass. A preset is a named instance;
 ``--steps``, ``--inner-lr`` and ``--batching`` override one field of it. Each says its scale
-relative to the paper's protocol.
+relative to the paper's protocol. ``--set FIELD=VALUE`` overrides any field (e.g. the sweeps of
+docs/results.md: ``--set hidden=64 inner_steps=2``); ``RunConfig.__post_init__`` checks every
+value, whichever way it came.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,27 @@ class RunConfig:
     inner_lr: float = 0.1  # initial value of the learned per-tensor inner lrs
     inner_steps: int = 1
     batching: str = "vmap"  # "vmap": a meta-batch as one batched computation; "loop": per task
+    # the outer lr of the learned symmetry (U) is symmetry_lr_scale x outer_lr, v's and the
+    # inner lrs' is outer_lr (no effect on learners without a learned U)
+    symmetry_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Every count positive, every rate positive and finite; one line naming the field."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in NON_NEGATIVE:
+                good = value >= 0 and math.isfinite(value)
+            elif isinstance(value, bool | str | tuple):
+                continue  # checked where they are used, or by the subclass
+            else:
+                good = value > 0 and math.isfinite(value)
+            if not good:
+                rule = ">= 0" if field.name in NON_NEGATIVE else "positive"
+                raise ValueError(f"{field.name} must be {rule} and finite, got {value!r}")
+        if self.final_lr_fraction > 1:
+            raise ValueError(f"final_lr_fraction must be <= 1, got {self.final_lr_fraction}")
+        if self.batching not in ("vmap", "loop", "grouped"):
+            raise ValueError(f"batching must be vmap, loop or grouped, got {self.batching!r}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +63,7 @@ class RotationConfig(RunConfig):
     sweep_tasks: int = 100  # scored on this many *training* tasks
 
 
+NON_NEGATIVE = ("symmetry_init_noise",)  # the numeric fields that may be 0
 AUGMENT = ("queries", "none")  # FewShotConfig.augment: what the meta-training episodes augment
 
 
@@ -66,8 +91,11 @@ class FewShotConfig(RunConfig):
     # the meta-training query sets: "queries" augmented (Aug-Omniglot, the paper's) or "none"
     # (#27's ablation); validation, test and analysis episodes are augmented either way
     augment: str = "queries"
+    # MSR's Kronecker factors start at the identity plus N(0, symmetry_init_noise^2) entries
+    symmetry_init_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.augment not in AUGMENT:
             raise ValueError(f"augment must be one of {AUGMENT}, got {self.augment!r}")
         grid = self.test_inner_steps

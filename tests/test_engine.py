@@ -3,15 +3,17 @@ has kept the finished ones, and a diverged loss named with its step."""
 
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.cli import Stopped, deferred_stops
-from experiments.engine import NonFiniteLossError, outer_steps
-from msr import MAML, TaskBatch
+from experiments.cli import Stopped, deferred_stops, with_settings
+from experiments.engine import NonFiniteLossError, outer_groups, outer_steps
+from experiments.presets import FEW_SHOT, RunConfig
+from msr import MAML, MSRLinear, TaskBatch
 
 
 def _setup():
@@ -57,3 +59,41 @@ def test_a_non_finite_loss_names_the_step_and_what_is_kept():
             maml, optimizer, diverging, range(1, 5), what="the job", kept="all is kept"
         ):
             pass
+
+
+def test_the_symmetry_trains_at_its_own_outer_lr_through_the_schedule():
+    maml = MAML(MSRLinear(3, 1, latent=2), F.mse_loss, inner_steps=1)
+    cfg = RunConfig(steps=10, eval_every=5, outer_lr=1e-2, symmetry_lr_scale=10.0)
+    groups = outer_groups(maml, cfg)
+    assert [g["params"] for g in groups][1] == [maml.model.U]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in maml.parameters()}
+    optimizer = torch.optim.Adam(groups, lr=cfg.outer_lr)
+    _, _, meta_batch = _setup()
+    for _ in outer_steps(
+        maml, optimizer, meta_batch, range(1, 3), what="t", kept="k", learning_rate=lambda s: 0.5
+    ):
+        pass
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 5.0]  # the schedule keeps the ratio
+    assert len(outer_groups(maml, replace(cfg, symmetry_lr_scale=1.0))) == 1  # as without U
+
+
+def test_settings_override_any_field_typed_and_checked():
+    cfg = FEW_SHOT["omniglot"]["cpu"]
+    changed = with_settings(
+        cfg, ["hidden=64", "symmetry_lr_scale=1e1", "test_inner_steps=1,5", "first_order=true"]
+    )
+    assert (changed.hidden, changed.symmetry_lr_scale) == (64, 10.0)
+    assert changed.test_inner_steps == (1, 5) and changed.first_order is True
+    for settings, message in [
+        (["width=3"], "FIELD one of steps, eval_every"),
+        (["hidden"], "expected FIELD=VALUE"),
+        (["hidden=2.5"], "hidden=2.5: expected int like 32"),
+        (["first_order=yes"], "expected bool"),
+        (["hidden=3", "hidden=4"], "given twice"),
+        (["outer_lr=-1"], "outer_lr must be positive and finite, got -1.0"),
+        (["inner_lr=nan"], "inner_lr must be positive and finite"),
+        (["symmetry_init_noise=-0.1"], "symmetry_init_noise must be >= 0"),
+        (["augment=flips"], "augment must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            with_settings(cfg, settings)

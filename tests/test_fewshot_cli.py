@@ -94,6 +94,22 @@ def test_maml_big_has_at_least_msrs_meta_parameters():
     assert count["maml"] < count["msr"] <= count["maml-big"] < count["msr"] * 1.1
 
 
+def test_symmetry_init_noise_moves_only_msrs_factors_off_the_identity():
+    noisy = replace(FEW_SHOT["omniglot"]["tiny"], symmetry_init_noise=0.1)
+    torch.manual_seed(0)
+    msr = few_shot.build_learner("msr", 1, 5, noisy).model
+    factors = [f for n, f in msr.named_parameters() if ".U_" in n]
+    offsets = torch.cat([(f - torch.eye(len(f))).flatten() for f in factors])
+    assert len(factors) == 12 and 0.09 < offsets.std().item() < 0.12  # 437 draws of N(0, 0.01)
+    torch.manual_seed(0)
+    plain = few_shot.build_learner("msr", 1, 5, FEW_SHOT["omniglot"]["tiny"]).model
+    assert all(torch.equal(m.U_in, torch.eye(m.in_channels)) for m in plain if hasattr(m, "U_in"))
+    torch.manual_seed(0)
+    big = few_shot.build_learner("maml-big", 1, 5, noisy)
+    torch.manual_seed(0)
+    assert str(big) == str(few_shot.build_learner("maml-big", 1, 5, FEW_SHOT["omniglot"]["tiny"]))
+
+
 def test_miniimagenet_needs_a_data_path(tmp_path):
     done = _run("--dataset", "miniimagenet", "--method", "maml", "--out", tmp_path, check=False)
     assert done.returncode == 2 and "--data is required for miniimagenet" in done.stderr
@@ -148,6 +164,8 @@ def test_bad_test_time_grids_and_presets_are_usage_errors(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "--preset cpu-long is not defined for miniimagenet" in done.stderr
+    done = _run("--method", "msr", "--set", "hidden=0", "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "hidden must be positive and finite, got 0" in done.stderr
 
 
 def test_augment_none_leaves_only_the_meta_training_queries_plain():
