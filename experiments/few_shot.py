@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -374,7 +375,17 @@ class FewShot(Experiment):
 
     def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         """The accuracy table, the validation accuracy at each test-time step count (and its
-        figure, curve_inner_steps.png)."""
+        figure, curve_inner_steps.png); the validation accuracy during training of every job
+        (metrics.jsonl) is drawn in curve_validation.png."""
+        training = _validation_curves(args.out / "metrics.jsonl")
+        if training:
+            figure = viz.plot_curves(
+                training,
+                "outer step",
+                f"validation accuracy (%), {results['config']['val_tasks']} episodes",
+                f"{results['preset']} preset: validation accuracy during training",
+            )
+            save_figure(figure, args.out / "curve_validation.png")
         lines = []
         if results["config"].get("augment") == "none":
             lines += ["Meta-training query sets not augmented (--augment none).", ""]
@@ -428,6 +439,17 @@ class FewShot(Experiment):
         )
         save_figure(figure, args.out / "curve_inner_steps.png")
         return lines
+
+
+def _validation_curves(metrics: Path) -> dict[str, dict[float, float]]:
+    """{job label: {step: validation accuracy}} from a run's metrics.jsonl (none if absent)."""
+    curves: dict[str, dict[float, float]] = {}
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "val_accuracy" in record:
+                curves.setdefault(_label(record), {})[record["step"]] = record["val_accuracy"]
+    return curves
 
 
 def _label(run: dict[str, Any]) -> str:

@@ -129,6 +129,7 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
     assert protonet["test_inner_steps"] is None and protonet["val_accuracy_by_inner_steps"] is None
     assert "by test-time inner steps" in done.stdout
     assert (grid_run / "curve_inner_steps.png").stat().st_size > 0
+    assert (grid_run / "curve_validation.png").stat().st_size > 0  # the training's probes
     # the analysis of the adapted networks, its summary line and figure, redrawn from the files
     for run in (maml, protonet):
         symmetry = run["analysis"]["image_symmetry"]
