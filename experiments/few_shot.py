@@ -172,7 +172,9 @@ def analyze(
     """What a trained learner's adapted networks do with the augmentation's transformations, on
     held-out ``tasks`` (``msr.symmetry.adapted_image_symmetry``: per conv block and for the
     logits), and for a MAML-family learner how its inner problem is conditioned: the mean
-    support loss after 0..``max_steps`` inner steps and ``MAML.inner_curvature`` (means)."""
+    support loss after 0..``max_steps`` inner steps, the learned inner lrs, and the ends of the
+    support Hessian's spectrum in the fast parameters, plain and (where every inner lr is
+    positive) scaled by the lrs (``MAML.inner_curvature``; means over the tasks)."""
     if isinstance(learner, MAML):
 
         def adapt(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Sequential, Any]:
@@ -194,12 +196,24 @@ def analyze(
             str(k): learner.evaluate(support, inner_steps=k)["loss"].mean().item()
             for k in range(max_steps + 1)
         }
-        ends = [learner.inner_curvature(*tasks.task(i)[:2]) for i in range(tasks.num_tasks)]
-        found["inner_curvature"] = {
-            "smallest": sum(e[0] for e in ends) / len(ends),
-            "largest": sum(e[1] for e in ends) / len(ends),
-        }
+        lrs = {n: lr.detach().mean().item() for n, lr in learner.inner_lrs.items()}
+        found["inner_lrs"] = lrs
+        found["support_hessian"] = _mean_ends(learner, tasks, scaled=False)
+        nonpositive = [n for n, lr in lrs.items() if lr <= 0]  # then D^1/2 is not defined
+        found["nonpositive_inner_lrs"] = nonpositive
+        found["inner_curvature"] = None if nonpositive else _mean_ends(learner, tasks, scaled=True)
     return found
+
+
+def _mean_ends(learner: MAML, tasks: TaskBatch, scaled: bool) -> dict[str, float]:
+    """``MAML.inner_curvature``'s two ends, averaged over the tasks."""
+    ends = [
+        learner.inner_curvature(*tasks.task(i)[:2], scaled=scaled) for i in range(tasks.num_tasks)
+    ]
+    return {
+        "smallest": sum(e[0] for e in ends) / len(ends),
+        "largest": sum(e[1] for e in ends) / len(ends),
+    }
 
 
 class FewShot(Experiment):
@@ -409,9 +423,10 @@ class FewShot(Experiment):
         lines += [
             "",
             "The adapted networks on held-out test episodes (#27): per transform the logits'"
-            " invariance error (predictions kept); the inner problem's curvature (smallest .."
-            " largest eigenvalue of the lr-scaled support Hessian; one step is stable below 2)"
-            " and support loss before -> after one step:",
+            " invariance error (predictions kept); the ends of the support-loss Hessian's"
+            " spectrum in the fast parameters, plain and lr-scaled (one step is stable below 2;"
+            " not defined where a learned inner lr is <= 0) and support loss before -> after"
+            " one step:",
             "",
         ]
         lines += [_analysis_line(r) for r in results["runs"] if r.get("analysis")]
@@ -462,12 +477,14 @@ def _analysis_line(run: dict[str, Any]) -> str:
         f"{name} {row['logits']:.3f} ({100 * row['agreement']:.0f}%)"
         for name, row in found["image_symmetry"].items()
     )
-    if "inner_curvature" in found:
-        losses, ends = found["support_loss_by_inner_steps"], found["inner_curvature"]
-        line += (
-            f"; curvature {ends['smallest']:.2f} .. {ends['largest']:.2f}, support loss "
-            f"{losses['0']:.3f} -> {losses['1']:.3f}"
-        )
+    if "support_hessian" in found:
+        losses, hessian = found["support_loss_by_inner_steps"], found["support_hessian"]
+        line += f"; Hessian {hessian['smallest']:.2f} .. {hessian['largest']:.2f}"
+        if ends := found["inner_curvature"]:
+            line += f", lr-scaled {ends['smallest']:.2f} .. {ends['largest']:.2f}"
+        else:
+            line += f" ({len(found['nonpositive_inner_lrs'])} inner lrs <= 0)"
+        line += f", support loss {losses['0']:.3f} -> {losses['1']:.3f}"
     return line
 
 

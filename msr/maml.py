@@ -190,7 +190,7 @@ class MAML(EpisodicLearner):
         return self._scores_per_task(forward(fast, tasks.x_query), tasks.y_query, metrics)
 
     def inner_curvature(
-        self, x_support: Tensor, y_support: Tensor, iterations: int = 100
+        self, x_support: Tensor, y_support: Tensor, iterations: int = 100, scaled: bool = True
     ) -> tuple[float, float]:
         """How hard one task's inner problem is for the learned step: the (smallest, largest)
         eigenvalues of D^1/2 H D^1/2, with H the Hessian of the support loss in the fast
@@ -198,11 +198,18 @@ class MAML(EpisodicLearner):
         lrs (power iteration on Hessian-vector products from a fixed start, then again shifted
         by the first eigenvalue found, for the other end of the spectrum). One gradient step with
         these lrs is stable along every direction when the largest is below 2; negative ones are
-        directions of negative curvature. For an MSR layer H is taken in v, so U shapes it."""
+        directions of negative curvature. For an MSR layer H is taken in v, so U shapes it.
+        D^1/2 needs positive lrs (learned ones can go negative: a ``ValueError`` names them);
+        ``scaled=False`` gives the ends of H's own spectrum instead."""
         state, lrs = self._state(detach=True)
         fast = _differentiable({n: state[n] for n in lrs})
         rest = {n: t for n, t in state.items() if n not in fast}
-        scales = [lrs[n].sqrt() for n in fast]
+        if scaled and (negative := [n for n in fast if (lrs[n] <= 0).any()]):
+            raise ValueError(
+                f"the lr-scaled curvature needs positive inner lrs; not positive: "
+                f"{', '.join(negative)} (scaled=False gives the Hessian's own spectrum)"
+            )
+        scales = [lrs[n].sqrt() if scaled else torch.ones_like(lrs[n]) for n in fast]
         with torch.enable_grad():
             prediction = functional_call(self.model, {**rest, **fast}, (x_support,))
             grads = torch.autograd.grad(

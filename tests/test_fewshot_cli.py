@@ -139,9 +139,16 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
         )
     losses = maml["analysis"]["support_loss_by_inner_steps"]
     assert list(losses) == ["0", "1", "2", "3", "4"] and losses["1"] < losses["0"]
-    curvature = maml["analysis"]["inner_curvature"]
-    assert curvature["smallest"] <= curvature["largest"]
-    assert "inner_curvature" not in protonet["analysis"]
+    found = maml["analysis"]
+    assert found["support_hessian"]["smallest"] <= found["support_hessian"]["largest"]
+    assert len(found["inner_lrs"]) == 18  # 4 blocks x (conv, bias, BN weight, BN bias) + head
+    nonpositive = [n for n, lr in found["inner_lrs"].items() if lr <= 0]
+    assert found["nonpositive_inner_lrs"] == nonpositive
+    if nonpositive:
+        assert found["inner_curvature"] is None
+    else:
+        assert found["inner_curvature"]["smallest"] <= found["inner_curvature"]["largest"]
+    assert "support_hessian" not in protonet["analysis"]
     assert "maml 5w1s s0: h-flip" in done.stdout and "protonet 5w1s s0: h-flip" in done.stdout
     figures = sorted(grid_run.glob("symmetry_*.png"))
     assert [f.name for f in figures] == [

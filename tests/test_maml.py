@@ -280,3 +280,14 @@ def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
     smallest, largest = maml.inner_curvature(xs, ys, iterations=400)
     assert smallest == pytest.approx(exact[0].item(), rel=1e-3, abs=1e-6)
     assert largest == pytest.approx(exact[-1].item(), rel=1e-3)
+    plain = torch.linalg.eigvalsh(hessian)  # scaled=False: H's own spectrum
+    smallest, largest = maml.inner_curvature(xs, ys, iterations=2000, scaled=False)
+    assert smallest == pytest.approx(plain[0].item(), rel=1e-3, abs=1e-6)
+    assert largest == pytest.approx(plain[-1].item(), rel=1e-3)
+    with torch.no_grad():
+        maml.inner_lrs["0__v"].fill_(-0.1)  # learned lrs can go negative: D^1/2 is undefined
+    with pytest.raises(ValueError, match=r"needs positive inner lrs; not positive: 0\.v "):
+        maml.inner_curvature(xs, ys)
+    assert maml.inner_curvature(xs, ys, iterations=400, scaled=False)[1] == pytest.approx(
+        plain[-1].item(), rel=1e-3
+    )
