@@ -9,6 +9,7 @@ Every function returns a matplotlib ``Figure``; ``save`` writes one and closes i
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,17 +115,22 @@ def plot_curves(
     log_x: bool = False,
 ) -> Figure:
     """One line per labelled curve ({x: y}, drawn in x order), with markers: e.g. validation
-    accuracy against test-time inner steps, one curve per learner."""
+    accuracy against test-time inner steps, one curve per learner. Integer x values (steps,
+    blocks) get integer ticks; a long title wraps to fit the figure."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     for label, points in curves.items():
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
     if log_x:
         ax.set_xscale("log")
+    elif all(float(x).is_integer() for points in curves.values() for x in points):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from pdoc.render_helpers import to_html
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs"
 MARKDOWN_LINK = re.compile(r'href="((?:\.\./|docs/)?)([A-Za-z0-9_.-]+)\.md"')
+FIGURE = re.compile(r'src="((?:docs/)?figures/[A-Za-z0-9_./-]+)"')
 DOTTED = re.compile(r"\bmsr(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
@@ -108,9 +110,12 @@ def unnamed_modules(mods: list[ModuleType]) -> list[str]:
 
 def write_guide(out: Path, mods: list[ModuleType]) -> list[str]:
     """Render README.md (as ``guide/index.html``) and docs/*.md into ``out/guide``, their
-    links between each other made links between the pages; returns the broken links."""
+    links between each other made links between the pages and docs/figures copied beside them;
+    returns the broken links (to a page or a figure that does not exist)."""
     pages = {"README": ROOT / "README.md"} | {p.stem: p for p in sorted(GUIDE.glob("*.md"))}
     (out / "guide").mkdir(parents=True, exist_ok=True)
+    if (GUIDE / "figures").is_dir():
+        shutil.copytree(GUIDE / "figures", out / "guide" / "figures", dirs_exist_ok=True)
     broken = []
     for name, source in pages.items():
 
@@ -121,6 +126,10 @@ def write_guide(out: Path, mods: list[ModuleType]) -> list[str]:
             return f'href="{"index" if target == "README" else target}.html"'
 
         body = MARKDOWN_LINK.sub(link, to_html(source.read_text()))
+        for figure in FIGURE.findall(body):
+            if not (GUIDE / figure.removeprefix("docs/")).is_file():
+                broken.append(f"{source.name}: figure {figure}, which does not exist")
+        body = body.replace('src="docs/figures/', 'src="figures/')
         if name == "README":
             api = "".join(
                 f'<li><a href="../{m.__name__.replace(".", "/")}.html">{m.__name__}</a></li>'

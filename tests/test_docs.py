@@ -46,6 +46,25 @@ def test_a_broken_guide_link_and_an_undocumented_module_are_reported(tmp_path, m
     assert docs.unnamed_modules([msr, msr.bases, msr.maml]) == ["msr.maml"]
 
 
+def test_guide_figures_are_copied_and_a_missing_one_is_reported(tmp_path, monkeypatch):
+    import msr
+
+    (tmp_path / "docs" / "figures").mkdir(parents=True)
+    (tmp_path / "docs" / "figures" / "curve.png").write_bytes(b"png")
+    (tmp_path / "README.md").write_text("# t\n\n![a](docs/figures/curve.png)\n")
+    (tmp_path / "docs" / "results.md").write_text(
+        "# r\n\n![b](figures/curve.png) ![c](figures/gone.png)\n"
+    )
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "GUIDE", tmp_path / "docs")
+    assert docs.write_guide(tmp_path / "out", [msr]) == [
+        "results.md: figure figures/gone.png, which does not exist"
+    ]
+    guide = tmp_path / "out" / "guide"
+    assert (guide / "figures" / "curve.png").read_bytes() == b"png"
+    assert 'src="figures/curve.png"' in (guide / "index.html").read_text()
+
+
 def test_a_reference_to_a_missing_object_is_reported():
     module = types.ModuleType("msr_fake", "See ``msr.bases.conv1d`` and msr.bases.no_such_basis.")
     module.helper = lambda: None
