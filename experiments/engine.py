@@ -59,6 +59,7 @@ from experiments.runfiles import (
 )
 from msr import MAML, EpisodicLearner, TaskBatch, partition_parameters
 from msr.distributed import average_gradients, shard_tasks
+from msr.episodic import NonFiniteLossError as LearnerLossError
 from msr.streams import keyed_generator
 
 if TYPE_CHECKING:
@@ -489,7 +490,11 @@ def outer_steps(
         tasks = meta_batch(step)
         if world_size > 1:
             tasks = shard_tasks(tasks, rank, world_size)
-        loss = learner.meta_backward(tasks).mean().item()
+        try:
+            losses = learner.meta_backward(tasks)
+        except LearnerLossError as error:  # the library's, naming the tasks: named by step here
+            losses = error.losses
+        loss = losses.mean().item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss {loss} at step {step} ({what}); {kept}"

@@ -178,7 +178,7 @@ def analyze(
     if isinstance(learner, MAML):
 
         def adapt(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Sequential, Any]:
-            network = learner.adapt(x, y, inner_steps=inner_steps)
+            network = learner.adapted_model(x, y, inner_steps=inner_steps)
             return network, network
 
     else:

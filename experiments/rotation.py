@@ -189,7 +189,7 @@ class Rotation(Experiment):
                 "authors_code_mse": authors[0],
                 "authors_code_ci95": authors[1],
                 "equivariance_error": adapted_group_equivariance_error(
-                    maml.adapt, test, data.group, EQUIVARIANCE_TASKS
+                    maml.adapted_model, test, data.group, EQUIVARIANCE_TASKS
                 ),
             }
             if method in LEARNED_U:

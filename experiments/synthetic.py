@@ -112,7 +112,7 @@ class Synthetic(Experiment):
                 entry["symmetry"] = {
                     **recovery_scores(maml.model.U, data.true_basis()),
                     "translation_equivariance_error": adapted_translation_equivariance_error(
-                        maml.adapt, test
+                        maml.adapted_model, test
                     ),
                 }
             return entry
@@ -122,7 +122,7 @@ class Synthetic(Experiment):
             that task's true weight."""
             return viz.plot_sharing(
                 maml.model.U if method in LEARNED_U else None,
-                adapted_weight=maml.adapt(test.x_support[0], test.y_support[0]).weight,
+                adapted_weight=maml.adapted_model(test.x_support[0], test.y_support[0]).weight,
                 true_weight=data.weights(coefficients[0]),
                 title=f"{method}, k={k}: meta-test MSE {entry['mse']:.3f} ± {entry['ci95']:.3f}",
             )

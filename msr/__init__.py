@@ -5,7 +5,7 @@ while the outer loop learns the sharing matrix U and the initial v.
 """
 
 from msr import bases, groups
-from msr.episodic import EpisodicLearner, TaskBatch, accuracy
+from msr.episodic import EpisodicLearner, NonFiniteLossError, TaskBatch, accuracy
 from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
 from msr.maml import MAML, partition_parameters
 from msr.norm import TaskBatchNorm
@@ -16,6 +16,7 @@ __all__ = [
     "EpisodicLearner",
     "MSRConv2d",
     "MSRLinear",
+    "NonFiniteLossError",
     "ProtoNet",
     "SymmetryLayer",
     "TaskBatch",

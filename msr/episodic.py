@@ -14,13 +14,22 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from msr.grouped import check_groupable
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batching = Literal["vmap", "loop", "grouped"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A meta-batch's query loss is NaN or infinite (a diverged inner loop or outer step);
+    ``losses`` holds every task's (detached)."""
+
+    def __init__(self, message: str, losses: Tensor) -> None:
+        super().__init__(message)
+        self.losses = losses
 
 
 class TaskBatch(NamedTuple):
@@ -88,9 +97,10 @@ class EpisodicLearner(nn.Module):
                     )
         self._batching = value
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The unadapted model (the meta-learned initialization)."""
-        return self.model(x)
+    def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The model on ``x``: unadapted (the meta-learned initialization), or with the tensors
+        ``params`` (e.g. those ``MAML.adapt`` returns) in place of its own."""
+        return self.model(x) if params is None else functional_call(self.model, params, (x,))
 
     def _model_state(self, detach: bool) -> dict[str, Tensor]:
         state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
@@ -156,13 +166,20 @@ class EpisodicLearner(nn.Module):
                 f"{tuple(prediction.shape)} (per task): the loss would broadcast them; give "
                 "the targets the predictions' shape"
             )
-        return self.loss_fn(prediction, target)
+        return self._loss_function(part)(prediction, target)
+
+    def _loss_function(self, part: str) -> LossFn:
+        """The loss of a ``part`` ("support" or "query") set: ``loss_fn`` for both by default."""
+        return self.loss_fn
 
     def _run(
         self, tasks: TaskBatch, detach: bool, metrics: Mapping[str, LossFn], chunk_size: int | None
     ) -> dict[str, Tensor]:
         query = functools.partial(self._query, metrics=metrics, in_vmap=True)
-        per_task = vmap(query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)
+        # randomness="different": dropout (or any random op) draws its own mask per task
+        per_task = vmap(
+            query, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size, randomness="different"
+        )
         return per_task(self._state(detach), *tasks)
 
     def meta_loss(self, tasks: TaskBatch) -> Tensor:
@@ -172,7 +189,8 @@ class EpisodicLearner(nn.Module):
         ``GradScaler``. It holds every task's graph until then; on the ``"loop"`` path
         ``meta_backward`` saves that memory by backpropagating after each task.
         """
-        return self._task_losses(self._checked(tasks)).mean()
+        losses = self._task_losses(self._checked(tasks))
+        return _finite(losses, "nothing was backpropagated").mean()
 
     def _task_losses(self, tasks: TaskBatch) -> Tensor:
         if self.batching == "grouped":
@@ -192,11 +210,12 @@ class EpisodicLearner(nn.Module):
 
         Call ``optimizer.zero_grad()`` before and ``optimizer.step()`` after, as usual. The same
         gradient as ``meta_loss(tasks).backward()``; on the ``"loop"`` path each task's graph is
-        freed as soon as its share of the gradient is accumulated.
+        freed as soon as its share of the gradient is accumulated. A NaN or infinite task loss
+        is a ``NonFiniteLossError`` naming the tasks.
         """
         tasks = self._checked(tasks)
         if self.batching != "loop":
-            losses = self._task_losses(tasks)
+            losses = _finite(self._task_losses(tasks), "no gradient was accumulated")
             losses.mean().backward()
             return losses.detach()
         losses = []
@@ -205,7 +224,7 @@ class EpisodicLearner(nn.Module):
             loss = self._query(state, *tasks.task(index), {}, in_vmap=False)["loss"]
             (loss / tasks.num_tasks).backward()
             losses.append(loss.detach())
-        return torch.stack(losses)
+        return _finite(torch.stack(losses), ".grad holds it: zero it before the next step")
 
     def evaluate(
         self,
@@ -247,14 +266,51 @@ def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     return (logits.argmax(-1) == target).to(logits.dtype).mean()
 
 
+def _finite(losses: Tensor, consequence: str) -> Tensor:
+    """``losses`` (one per task), or a ``NonFiniteLossError`` naming the tasks whose loss is
+    NaN or infinite, and its ``consequence`` for the gradients."""
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(f"{i} ({losses[i].item()})" for i in bad[:5])
+        raise NonFiniteLossError(
+            f"the meta-loss is not finite: task {shown}{', ...' if len(bad) > 5 else ''} of "
+            f"{losses.numel()} (a diverged inner loop or outer step); {consequence}",
+            losses.detach(),
+        )
+    return losses
+
+
 def check_tasks(tasks: TaskBatch | tuple[Tensor, ...]) -> TaskBatch:
-    """A ``TaskBatch`` whose four tensors share one non-empty leading task dimension."""
+    """A ``TaskBatch`` of (tasks, examples, ...) inputs and (tasks, examples, ...) targets: the
+    four tensors share one non-empty leading task dimension, each set's inputs and targets
+    have as many examples, and support and query inputs (and targets) have one shape per
+    example. A batch without a task dimension (e.g. one task's (examples, features) inputs)
+    is refused rather than read as many one-example tasks."""
     if len(tasks) != 4:
         raise ValueError(
             f"tasks must be (x_support, y_support, x_query, y_query), got {len(tasks)} tensors"
         )
     tasks = TaskBatch(*tasks)
-    sizes = [t.shape[0] if t.dim() else None for t in tasks]
-    if sizes[0] is None or sizes[0] < 1 or len(set(sizes)) != 1:
+    x_support, y_support, x_query, y_query = tasks
+    if min(x_support.dim(), x_query.dim()) < 3 or min(y_support.dim(), y_query.dim()) < 2:
+        raise ValueError(
+            f"task inputs {tuple(x_support.shape)} and targets {tuple(y_support.shape)} need "
+            "(tasks, examples, ...) dimensions: for one task, add a leading task dimension "
+            "(x[None]) rather than pass its examples as tasks"
+        )
+    sizes = [t.shape[0] for t in tasks]
+    if sizes[0] < 1 or len(set(sizes)) != 1:
         raise ValueError(f"all task tensors need the same leading task dimension, got {sizes}")
+    for part, x, y in (("support", x_support, y_support), ("query", x_query, y_query)):
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(
+                f"{part} inputs {tuple(x.shape)} and targets {tuple(y.shape)} differ in their "
+                "number of examples (dimension 1)"
+            )
+    if x_support.shape[2:] != x_query.shape[2:] or y_support.shape[2:] != y_query.shape[2:]:
+        raise ValueError(
+            f"support and query examples differ in shape: inputs {tuple(x_support.shape[2:])} vs "
+            f"{tuple(x_query.shape[2:])}, targets {tuple(y_support.shape[2:])} vs "
+            f"{tuple(y_query.shape[2:])}"
+        )
     return tasks

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C import _functorch
 from torch.func import functional_call, grad, vmap
 
 from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
@@ -46,7 +47,12 @@ class MAML(EpisodicLearner):
     the initial fast parameters) and, when ``learn_inner_lr``, one inner learning rate per fast
     parameter tensor. Second-order meta-gradients by default; ``first_order=True`` drops the
     second-order terms. ``fast_parameters`` restricts adaptation to the named parameters
-    (e.g. only the head, for ANIL).
+    (e.g. only the head, for ANIL). ``inner_loss_fn`` is the support-set loss the inner loop
+    descends (default: ``loss_fn``, the query loss), e.g. a label-smoothed or regularized one.
+
+    Beyond ``meta_backward``, the inner loop is open: ``adapt(x, y, create_graph=True)`` gives
+    one task's adapted tensors, and ``maml(x_query, params=...)`` runs the model with them, so
+    a user's own outer objective backpropagates through the adaptation.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class MAML(EpisodicLearner):
         model: nn.Module,
         loss_fn: LossFn = F.mse_loss,
         *,
+        inner_loss_fn: LossFn | None = None,
         inner_steps: int = 1,
         inner_lr: float = 0.1,
         learn_inner_lr: bool = True,
@@ -65,6 +72,7 @@ class MAML(EpisodicLearner):
         if not (isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
         super().__init__(model, loss_fn, batching)
+        self.inner_loss_fn = loss_fn if inner_loss_fn is None else inner_loss_fn
         self.inner_steps = inner_steps
         self.first_order = first_order
         meta, fast = partition_parameters(model)
@@ -97,6 +105,9 @@ class MAML(EpisodicLearner):
             }
         )
         self.inner_lrs.requires_grad_(learn_inner_lr)
+
+    def _loss_function(self, part: str) -> LossFn:
+        return self.inner_loss_fn if part == "support" else self.loss_fn
 
     # --- the pure per-task computation -------------------------------------------------------
     def _state(self, detach: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -253,16 +264,39 @@ class MAML(EpisodicLearner):
             return super().evaluate(tasks, metrics, chunk_size)
 
     def adapt(
+        self,
+        x_support: Tensor,
+        y_support: Tensor,
+        *,
+        inner_steps: int | None = None,
+        create_graph: bool = False,
+    ) -> dict[str, Tensor]:
+        """The model's tensors (parameters and buffers, by name) adapted to one task's support
+        set in ``inner_steps`` steps (default: the training's), for ``self(x, params=...)`` or
+        ``torch.func.functional_call``.
+
+        With ``create_graph=True`` they are differentiable in the symmetries, the initial fast
+        parameters and the inner lrs (second order unless ``first_order``), so that a user's
+        own query loss backpropagates through the adaptation; otherwise they are detached.
+        Works alone or inside ``torch.func.vmap`` over tasks (give it ``randomness="different"``
+        if the model has dropout).
+        """
+        in_vmap = any(_functorch.is_batchedtensor(t) for t in (x_support, y_support))
+        state, lrs = self._state(detach=not create_graph)
+        with self._steps(inner_steps), torch.set_grad_enabled(create_graph):
+            adapted = self._adapt(state, lrs, x_support, y_support, in_vmap)
+        return adapted if create_graph else {n: t.detach() for n, t in adapted.items()}
+
+    def adapted_model(
         self, x_support: Tensor, y_support: Tensor, *, inner_steps: int | None = None
     ) -> nn.Module:
-        """A detached copy of the model adapted to one task's support set (for inspection), in
-        ``inner_steps`` steps (default: the training's)."""
-        state, lrs = self._state(detach=True)
-        with self._steps(inner_steps):
-            adapted = self._adapt(state, lrs, x_support, y_support, in_vmap=False)
+        """A detached copy of the model adapted to one task's support set, for inspection (e.g.
+        its layers' weights), in ``inner_steps`` steps (default: the training's)."""
+        adapted = self.adapt(x_support, y_support, inner_steps=inner_steps)
         clone = copy.deepcopy(self.model)
         for name, tensor in adapted.items():
-            _assign(clone, name, tensor.detach())
+            if name in self.fast_names:
+                _assign(clone, name, tensor)
         return clone
 
 

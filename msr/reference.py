@@ -26,7 +26,7 @@ def higher_meta_backward(maml: MAML, tasks: TaskBatch) -> torch.Tensor:
             model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
         ) as (fmodel, diffopt):
             for _ in range(maml.inner_steps):
-                diffopt.step(maml.loss_fn(fmodel(xs), ys))
+                diffopt.step(maml.inner_loss_fn(fmodel(xs), ys))
             loss = maml.loss_fn(fmodel(xq), yq)
             (loss / tasks.num_tasks).backward()
             losses.append(loss.detach())

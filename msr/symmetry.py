@@ -153,8 +153,8 @@ def adapted_translation_equivariance_error(
     adapt: Callable[[Tensor, Tensor], nn.Module], tasks: TaskBatch, count: int = 8
 ) -> float:
     """Mean ``translation_equivariance_error`` of the weight that ``adapt(x, y)`` (e.g.
-    ``MAML.adapt``) gives on the support sets of the first ``count`` tasks: the symmetry the
-    whole adapted layer has, not only span(U)."""
+    ``MAML.adapted_model``) gives on the support sets of the first ``count`` tasks: the
+    symmetry the whole adapted layer has, not only span(U)."""
     tasks_scored = range(min(count, tasks.num_tasks))
     weights = [adapt(tasks.x_support[i], tasks.y_support[i]).weight for i in tasks_scored]
     return float(sum(translation_equivariance_error(w) for w in weights) / len(weights))
@@ -237,8 +237,8 @@ def adapted_image_symmetry(
 ) -> dict[str, dict[str, Any]]:
     """``image_symmetry_errors`` of the network each task adapts to, on its query images, per
     transform, averaged over ``tasks``. ``adapt(x_support, y_support)`` gives (the adapted
-    network, its classifier of query images): e.g. ``maml.adapt`` and the network itself, or a
-    ProtoNet's encoder and its prototype classifier."""
+    network, its classifier of query images): e.g. ``maml.adapted_model`` and the network
+    itself, or a ProtoNet's encoder and its prototype classifier."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in transforms}
     for index in range(tasks.num_tasks):
         network, classify = adapt(tasks.x_support[index], tasks.y_support[index])

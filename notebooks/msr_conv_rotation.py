@@ -69,7 +69,7 @@ for _ in range(steps):
         optimizers[name].step()
 for name, maml in learners.items():
     mse = maml.evaluate(test)["loss"].mean().item()
-    error = adapted_group_equivariance_error(maml.adapt, test, data.group)
+    error = adapted_group_equivariance_error(maml.adapted_model, test, data.group)
     print(f"{name:15s} meta-test MSE {mse:.4f}, equivariance error of adapted layer {error:.2e}")
 
 # %% [markdown]

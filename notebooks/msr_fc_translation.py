@@ -64,7 +64,7 @@ U = maml.model.U.detach()
 conv_basis = bases.conv1d(70, 3)
 angle = principal_angles(U, conv_basis).max().item()
 recall = subspace_recall(U, conv_basis)
-adapted = maml.adapt(test.x_support[0], test.y_support[0])
+adapted = maml.adapted_model(test.x_support[0], test.y_support[0])
 print(f"largest principal angle {angle:.1f} deg, recall {recall:.3f}")
 print(
     f"translation-equivariance error of the adapted W: "

@@ -48,7 +48,7 @@ def test_a_meta_step_creates_its_tensors_beside_the_model_and_data(learner_kind)
         losses = learner.meta_backward(tasks)
         scores = learner.evaluate(tasks, {"accuracy": accuracy})
         if learner_kind != "protonet":
-            learner.adapt(tasks.x_support[0], tasks.y_support[0])
+            learner.adapted_model(tasks.x_support[0], tasks.y_support[0])
     assert losses.device.type == "cpu" and scores["accuracy"].device.type == "cpu"
     assert all(p.grad.device.type == "cpu" for p in learner.parameters() if p.grad is not None)
 

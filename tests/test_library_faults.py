@@ -132,7 +132,7 @@ def test_a_frozen_fast_parameter_stays_frozen_unadapted_and_unchanged(batching):
         optimizer.step()
     assert not model[0].weight.requires_grad and model[0].weight.grad is None
     assert torch.equal(model[0].weight, frozen)
-    adapted = maml.adapt(*_regression_tasks().task(0)[:2])
+    adapted = maml.adapted_model(*_regression_tasks().task(0)[:2])
     assert torch.equal(adapted[0].weight, frozen)  # not adapted either
     assert not torch.equal(adapted[2].weight, model[2].weight)
     assert maml.inner_lrs["0__weight"].grad is None
@@ -174,10 +174,10 @@ def test_targets_that_would_broadcast_against_the_predictions_are_refused(batchi
     x = torch.randn(2, 5, 4)
     y = torch.randn(2, 5, 1)
     maml.evaluate(TaskBatch(x, y, x, y))
-    with pytest.raises(ValueError, match=r"query targets of shape \(5,\) for predictions of shape"):
-        maml.evaluate(TaskBatch(x, y, x, y[..., 0]))
-    with pytest.raises(ValueError, match=r"support targets of shape \(5,\)"):
-        maml.meta_backward(TaskBatch(x, y[..., 0], x, y))
+    with pytest.raises(ValueError, match=r"support targets of shape \(5,\) for predictions of"):
+        maml.evaluate(TaskBatch(x, y[..., 0], x, y[..., 0]))
+    with pytest.raises(ValueError, match=r"support and query examples differ in shape: .*targets"):
+        maml.meta_backward(TaskBatch(x, y, x, y[..., 0]))
     classifier = MAML(nn.Sequential(nn.Linear(4, 3)), F.cross_entropy, batching=batching)
     labels = torch.randint(0, 3, (2, 5))  # class labels: (N,) against (N, classes) logits
     classifier.evaluate(TaskBatch(x, labels, x, labels))

@@ -168,7 +168,7 @@ def test_adapt_returns_an_adapted_copy_and_leaves_the_model_alone():
     maml = MAML(_mlp(), inner_steps=2)
     xs, ys, xq, yq = _regression_tasks(num_tasks=1).task(0)
     before = {n: p.detach().clone() for n, p in maml.model.named_parameters()}
-    adapted = maml.adapt(xs, ys)
+    adapted = maml.adapted_model(xs, ys)
     assert F.mse_loss(adapted(xs), ys) < F.mse_loss(maml.model(xs), ys)
     for name, param in maml.model.named_parameters():
         assert torch.equal(param, before[name])
@@ -190,8 +190,10 @@ def test_test_time_inner_steps_equal_a_learner_trained_with_them(batching):
     torch.testing.assert_close(one_step.evaluate(tasks, inner_steps=3)["loss"], expected)
     assert not torch.allclose(one_step.evaluate(tasks)["loss"], expected)
     xs, ys = tasks.x_support[0], tasks.y_support[0]
-    for name, param in three_steps.adapt(xs, ys).named_parameters():
-        torch.testing.assert_close(one_step.adapt(xs, ys, inner_steps=3).get_parameter(name), param)
+    for name, param in three_steps.adapted_model(xs, ys).named_parameters():
+        torch.testing.assert_close(
+            one_step.adapted_model(xs, ys, inner_steps=3).get_parameter(name), param
+        )
     with pytest.raises(ValueError, match=r"inner_steps must be a non-negative integer, got 2\.5"):
         one_step.evaluate(tasks, inner_steps=2.5)
     assert one_step.inner_steps == 1
@@ -291,3 +293,135 @@ def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
     assert maml.inner_curvature(xs, ys, iterations=400, scaled=False)[1] == pytest.approx(
         plain[-1].item(), rel=1e-3
     )
+
+
+# --- the open inner loop: adapt(), a user's own outer objective, inner_loss_fn ----------------
+def _huber(prediction, target):  # a support loss other than the query's (mse)
+    return F.huber_loss(prediction, target, delta=0.5)
+
+
+def _u_penalty(maml):
+    return 1e-2 * sum(m.U.square().sum() for m in maml.model if isinstance(m, MSRLinear))
+
+
+def _user_objective(maml, tasks, batched):
+    """A researcher's outer objective over ``adapt``: an L1 query loss per task plus a penalty
+    on U; per task in a Python loop, or as one ``torch.func.vmap`` over tasks."""
+
+    def per_task(xs, ys, xq, yq):
+        return F.l1_loss(maml(xq, params=maml.adapt(xs, ys, create_graph=True)), yq)
+
+    if batched:
+        losses = torch.func.vmap(per_task)(*tasks)
+    else:
+        losses = torch.stack([per_task(*task) for task in zip(*tasks, strict=True)])
+    return losses.mean() + _u_penalty(maml)
+
+
+def _higher_user_objective(maml, tasks):
+    """The same objective through higher's differentiable SGD, the support loss ``_huber``."""
+    import higher
+
+    fast = [maml.model.get_parameter(n) for n in maml.fast_names]
+    inner_opt = torch.optim.SGD([{"params": [p]} for p in fast], lr=0.1)  # lrs overridden
+    lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
+    total = _u_penalty(maml)
+    for xs, ys, xq, yq in zip(*tasks, strict=True):
+        with higher.innerloop_ctx(
+            maml.model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
+        ) as (fmodel, diffopt):
+            for _ in range(maml.inner_steps):
+                diffopt.step(_huber(fmodel(xs), ys))
+            total = total + F.l1_loss(fmodel(xq), yq) / tasks.num_tasks
+    return total
+
+
+def _gradients(maml, objective):
+    maml.zero_grad()
+    objective().backward()
+    return {n: p.grad.clone() for n, p in maml.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-task", "vmap"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_a_user_outer_loop_over_adapt_matches_higher(batched, inner_steps):
+    """``adapt(..., create_graph=True)`` under the user's own query loss and a regularizer on
+    U, with a separate support loss, gets higher's meta-gradient (U, initial v, inner lrs)."""
+    maml = MAML(_mlp(), inner_loss_fn=_huber, inner_steps=inner_steps, inner_lr=0.05)
+    tasks = _regression_tasks()
+    ours = _gradients(maml, lambda: _user_objective(maml, tasks, batched))
+    reference = _gradients(maml, lambda: _higher_user_objective(maml, tasks))
+    assert ours.keys() == reference.keys() and {"model.0.U", "inner_lrs.0__v"} <= ours.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_adapt_without_a_graph_is_the_adapted_model_detached():
+    maml = MAML(_mlp(), inner_steps=2)
+    xs, ys, xq, _ = _regression_tasks(num_tasks=1).task(0)
+    adapted = maml.adapt(xs, ys)
+    assert not any(t.requires_grad for t in adapted.values())
+    assert adapted.keys() == dict(maml.model.state_dict()).keys()
+    torch.testing.assert_close(maml(xq, params=adapted), maml.adapted_model(xs, ys)(xq))
+    assert torch.equal(adapted["0.U"], maml.model[0].U)  # the symmetry is not adapted
+    assert not torch.equal(adapted["0.v"], maml.model[0].v)
+
+
+def test_the_inner_loop_descends_the_inner_loss_not_the_query_loss():
+    """An inner loss with zero gradient leaves every fast parameter at its initial value."""
+    maml = MAML(_mlp(), inner_loss_fn=lambda prediction, target: 0.0 * prediction.sum())
+    xs, ys, xq, yq = _regression_tasks(num_tasks=1).task(0)
+    for name, tensor in maml.adapt(xs, ys).items():
+        assert torch.equal(tensor, maml.model.get_parameter(name)), name
+    tasks = TaskBatch(xs[None], ys[None], xq[None], yq[None])  # and scores as unadapted
+    torch.testing.assert_close(maml.evaluate(tasks)["loss"][0], F.mse_loss(maml(xq), yq))
+
+
+# --- clear errors instead of silent misuse ------------------------------------------------
+def test_a_task_batch_without_its_task_dimension_is_refused():
+    maml = MAML(_mlp())
+    xs, ys, xq, yq = _regression_tasks(num_tasks=1).task(0)  # one task: (examples, features)
+    with pytest.raises(ValueError, match=r"need \(tasks, examples, \.\.\.\) dimensions.*x\[None\]"):
+        maml.meta_backward(TaskBatch(xs, ys, xs, ys))  # not 3 one-example tasks
+    with pytest.raises(
+        ValueError, match=r"query inputs \(1, 5, 6\) and targets \(1, 4, 4\) differ"
+    ):
+        maml.evaluate(TaskBatch(xs[None], ys[None], xq[None], yq[None, :4]))
+    with pytest.raises(ValueError, match=r"inputs \(6,\) vs \(5,\)"):
+        maml.evaluate(TaskBatch(xs[None], ys[None], xq[None, :, :5], yq[None]))
+
+
+def _dropout_mlp():
+    return nn.Sequential(
+        MSRLinear(6, 5, 7), nn.Tanh(), nn.Dropout(0.5), MSRLinear(5, 4, 3)
+    ).double()
+
+
+def test_dropout_under_vmap_draws_its_own_mask_per_task():
+    maml = MAML(_dropout_mlp(), batching="vmap")
+    one = _regression_tasks(num_tasks=1)
+    same_task_four_times = TaskBatch(*(t.expand(4, *t.shape[1:]) for t in one))
+    losses = maml.meta_backward(same_task_four_times)
+    assert len(set(losses.tolist())) == 4  # four masks, not one, and no vmap randomness error
+    assert all(torch.isfinite(p.grad).all() for p in maml.parameters() if p.grad is not None)
+    maml.eval()  # no dropout: the vmap path is the loop's
+    tasks = _regression_tasks()
+    looped = MAML(maml.model, batching="loop")
+    looped.inner_lrs.load_state_dict(maml.inner_lrs.state_dict())
+    torch.testing.assert_close(maml.evaluate(tasks)["loss"], looped.evaluate(tasks)["loss"])
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop", "grouped"])
+def test_a_non_finite_meta_loss_names_its_tasks(batching):
+    from msr import NonFiniteLossError
+
+    maml = MAML(_mlp(), batching=batching)
+    tasks = _regression_tasks()
+    poisoned = tasks._replace(y_query=tasks.y_query.index_fill(0, torch.tensor([2]), math.inf))
+    with pytest.raises(NonFiniteLossError, match=r"meta-loss is not finite: task 2 \(inf\) of 4"):
+        maml.meta_backward(poisoned)
+    if batching != "loop":  # refused before the backward pass
+        assert all(p.grad is None for p in maml.parameters())
+    with pytest.raises(NonFiniteLossError, match=r"task 2 .*nothing was backpropagated") as error:
+        maml.meta_loss(poisoned)
+    assert error.value.losses.shape == (4,) and torch.isfinite(error.value.losses[[0, 1, 3]]).all()
