@@ -173,8 +173,8 @@ def analyze(
     held-out ``tasks`` (``msr.symmetry.adapted_image_symmetry``: per conv block and for the
     logits), and for a MAML-family learner how its inner problem is conditioned: the mean
     support loss after 0..``max_steps`` inner steps, the learned inner lrs, and the ends of the
-    support Hessian's spectrum in the fast parameters, plain and (where every inner lr is
-    positive) scaled by the lrs (``MAML.inner_curvature``; means over the tasks)."""
+    support Hessian's spectrum in the fast parameters, plain and scaled by the lrs
+    (``MAML.inner_curvature``; means over the tasks)."""
     if isinstance(learner, MAML):
 
         def adapt(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Sequential, Any]:
@@ -199,9 +199,7 @@ def analyze(
         lrs = {n: lr.detach().mean().item() for n, lr in learner.inner_lrs.items()}
         found["inner_lrs"] = lrs
         found["support_hessian"] = _mean_ends(learner, tasks, scaled=False)
-        nonpositive = [n for n, lr in lrs.items() if lr <= 0]  # then D^1/2 is not defined
-        found["nonpositive_inner_lrs"] = nonpositive
-        found["inner_curvature"] = None if nonpositive else _mean_ends(learner, tasks, scaled=True)
+        found["inner_curvature"] = _mean_ends(learner, tasks, scaled=True)
     return found
 
 
@@ -480,10 +478,8 @@ def _analysis_line(run: dict[str, Any]) -> str:
     if "support_hessian" in found:
         losses, hessian = found["support_loss_by_inner_steps"], found["support_hessian"]
         line += f"; Hessian {hessian['smallest']:.2f} .. {hessian['largest']:.2f}"
-        if ends := found["inner_curvature"]:
-            line += f", lr-scaled {ends['smallest']:.2f} .. {ends['largest']:.2f}"
-        else:
-            line += f" ({len(found['nonpositive_inner_lrs'])} inner lrs <= 0)"
+        ends = found["inner_curvature"]
+        line += f", lr-scaled {ends['smallest']:.2f} .. {ends['largest']:.2f}"
         line += f", support loss {losses['0']:.3f} -> {losses['1']:.3f}"
     return line
 

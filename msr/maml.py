@@ -24,6 +24,12 @@ from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
 from msr.grouped import grouped_call
 from msr.layers import SymmetryLayer
 
+# An inner step of your own: (fast parameters, their support-loss gradients, step) -> new ones.
+InnerUpdate = Callable[[dict[str, Tensor], Mapping[str, Tensor], int], Mapping[str, Tensor]]
+
+# An inner step of your own: (fast parameters, their support-loss gradients, step) -> new ones.
+InnerUpdate = Callable[[dict[str, Tensor], Mapping[str, Tensor], int], Mapping[str, Tensor]]
+
 
 def partition_parameters(model: nn.Module) -> tuple[list[str], list[str]]:
     """Split a model's trainable parameter names into (meta, fast).
@@ -45,10 +51,15 @@ class MAML(EpisodicLearner):
 
     ``maml.parameters()`` are the outer-loop variables: the model's parameters (symmetries and
     the initial fast parameters) and, when ``learn_inner_lr``, one inner learning rate per fast
-    parameter tensor. Second-order meta-gradients by default; ``first_order=True`` drops the
-    second-order terms. ``fast_parameters`` restricts adaptation to the named parameters
-    (e.g. only the head, for ANIL). ``inner_loss_fn`` is the support-set loss the inner loop
-    descends (default: ``loss_fn``, the query loss), e.g. a label-smoothed or regularized one.
+    parameter tensor (``per_step_inner_lr``: one per tensor and inner step, as in MAML++),
+    stored as their logarithms (``log_inner_lrs``), so they stay positive by construction;
+    ``inner_lrs`` gives their values. ``inner_update(params, grads, step) -> params`` replaces
+    SGD with a rule of your own (an ``nn.Module`` one is meta-learned with the rest; on the
+    grouped path the tensors carry a leading task dimension). Second-order meta-gradients by
+    default; ``first_order=True`` drops the second-order terms. ``fast_parameters`` restricts
+    adaptation to the named parameters (e.g. only the head, for ANIL). ``inner_loss_fn`` is
+    the support-set loss the inner loop descends (default: ``loss_fn``, the query loss), e.g.
+    a label-smoothed or regularized one.
 
     Beyond ``meta_backward``, the inner loop is open: ``adapt(x, y, create_graph=True)`` gives
     one task's adapted tensors, and ``maml(x_query, params=...)`` runs the model with them, so
@@ -64,6 +75,8 @@ class MAML(EpisodicLearner):
         inner_steps: int = 1,
         inner_lr: float = 0.1,
         learn_inner_lr: bool = True,
+        per_step_inner_lr: bool = False,
+        inner_update: InnerUpdate | None = None,
         first_order: bool = False,
         fast_parameters: Iterable[str] | None = None,
         batching: Batching = "vmap",
@@ -71,6 +84,10 @@ class MAML(EpisodicLearner):
         _check_steps(inner_steps)
         if not (isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
+        if inner_update is not None and not callable(inner_update):
+            raise TypeError(f"inner_update must be callable, got {type(inner_update).__name__}")
+        if inner_update is not None and per_step_inner_lr:
+            raise ValueError("per_step_inner_lr sets SGD's lrs; an inner_update has its own rule")
         super().__init__(model, loss_fn, batching)
         self.inner_loss_fn = loss_fn if inner_loss_fn is None else inner_loss_fn
         self.inner_steps = inner_steps
@@ -95,16 +112,23 @@ class MAML(EpisodicLearner):
                     f"{_lr_key(name)!r}; rename one of them"
                 )
         self.fast_names: tuple[str, ...] = tuple(fast)
+        self.per_step_inner_lr = per_step_inner_lr
+        self.trained_inner_steps = inner_steps  # how many per-step lrs there are
+        self.inner_update = inner_update
         first = model.get_parameter(fast[0])  # the inner lrs live beside the fast parameters
-        self.inner_lrs = nn.ParameterDict(
-            {
-                _lr_key(n): nn.Parameter(
-                    torch.tensor(float(inner_lr), dtype=first.dtype, device=first.device)
-                )
-                for n in fast
-            }
+        shape = (inner_steps,) if per_step_inner_lr else ()
+        log_lr = torch.full(shape, math.log(inner_lr), dtype=first.dtype, device=first.device)
+        self.log_inner_lrs = nn.ParameterDict(
+            {} if inner_update else {_lr_key(n): nn.Parameter(log_lr.clone()) for n in fast}
         )
-        self.inner_lrs.requires_grad_(learn_inner_lr)
+        self.log_inner_lrs.requires_grad_(learn_inner_lr)
+
+    @property
+    def inner_lrs(self) -> dict[str, Tensor]:
+        """The inner learning rates, positive by construction (``exp`` of ``log_inner_lrs``), by
+        ``log_inner_lrs``' keys (a fast parameter's name with "__" for "."): a scalar per
+        tensor, or one per inner step with ``per_step_inner_lr``; differentiable."""
+        return {key: log_lr.exp() for key, log_lr in self.log_inner_lrs.items()}
 
     def _loss_function(self, part: str) -> LossFn:
         return self.inner_loss_fn if part == "support" else self.loss_fn
@@ -119,10 +143,25 @@ class MAML(EpisodicLearner):
                 f"every fast parameter {list(self.fast_names)} is frozen (requires_grad=False): "
                 "the inner loop has nothing to adapt"
             )
-        lrs = {n: self.inner_lrs[_lr_key(n)] for n in live}
-        if detach:
-            lrs = {n: t.detach() for n, t in lrs.items()}
+        lrs: dict[str, Tensor | None] = {n: None for n in live}  # None: inner_update's own
+        if self.inner_update is None:
+            lrs = {n: self.log_inner_lrs[_lr_key(n)].exp() for n in live}
+            if detach:
+                lrs = {n: t.detach() for n, t in lrs.items()}
         return self._model_state(detach), lrs
+
+    def _update(
+        self,
+        fast: dict[str, Tensor],
+        grads: Mapping[str, Tensor],
+        lrs: Mapping[str, Tensor | None],
+        step: int,
+    ) -> dict[str, Tensor]:
+        """One inner step: ``inner_update``, or SGD with the (per-step) inner lrs."""
+        if self.inner_update is not None:
+            return dict(self.inner_update(fast, grads, step))
+        index = step if self.per_step_inner_lr else ...
+        return {n: fast[n] - lrs[n][index] * grads[n] for n in fast}
 
     def _adapt(
         self,
@@ -144,7 +183,7 @@ class MAML(EpisodicLearner):
             return self._loss(prediction, y, "support")
 
         create_graph = not self.first_order and torch.is_grad_enabled()
-        for _ in range(self.inner_steps):
+        for step in range(self.inner_steps):
             if in_vmap:
                 grads = grad(support_loss)(fast)
                 if self.first_order:
@@ -156,7 +195,7 @@ class MAML(EpisodicLearner):
                         support_loss(fast), list(fast.values()), create_graph=create_graph
                     )
                 grads = dict(zip(fast, values, strict=True))
-            fast = {n: fast[n] - lrs[n] * grads[n] for n in fast}
+            fast = self._update(fast, grads, lrs, step)
         return {**rest, **fast}
 
     def _query(
@@ -187,7 +226,7 @@ class MAML(EpisodicLearner):
             return grouped_call(self.model, {**rest, **fast_params}, fast_params.keys(), x)
 
         create_graph = not self.first_order and torch.is_grad_enabled()
-        for _ in range(self.inner_steps):
+        for step in range(self.inner_steps):
             fast = _differentiable(fast)
             with torch.enable_grad():
                 prediction = forward(fast, tasks.x_support)
@@ -197,7 +236,7 @@ class MAML(EpisodicLearner):
                 values = torch.autograd.grad(
                     losses.sum(), list(fast.values()), create_graph=create_graph
                 )
-            fast = {n: fast[n] - lrs[n] * g for n, g in zip(fast, values, strict=True)}
+            fast = self._update(fast, dict(zip(fast, values, strict=True)), lrs, step)
         return self._scores_per_task(forward(fast, tasks.x_query), tasks.y_query, metrics)
 
     def inner_curvature(
@@ -210,17 +249,16 @@ class MAML(EpisodicLearner):
         by the first eigenvalue found, for the other end of the spectrum). One gradient step with
         these lrs is stable along every direction when the largest is below 2; negative ones are
         directions of negative curvature. For an MSR layer H is taken in v, so U shapes it.
-        D^1/2 needs positive lrs (learned ones can go negative: a ``ValueError`` names them);
-        ``scaled=False`` gives the ends of H's own spectrum instead."""
+        With ``per_step_inner_lr`` D holds the first step's lrs (the step taken at the
+        initialization); ``scaled=False`` gives the ends of H's own spectrum instead (the only
+        choice with an ``inner_update`` of your own, which has no lrs)."""
         state, lrs = self._state(detach=True)
         fast = _differentiable({n: state[n] for n in lrs})
         rest = {n: t for n, t in state.items() if n not in fast}
-        if scaled and (negative := [n for n in fast if (lrs[n] <= 0).any()]):
-            raise ValueError(
-                f"the lr-scaled curvature needs positive inner lrs; not positive: "
-                f"{', '.join(negative)} (scaled=False gives the Hessian's own spectrum)"
-            )
-        scales = [lrs[n].sqrt() if scaled else torch.ones_like(lrs[n]) for n in fast]
+        if scaled and self.inner_update is not None:
+            raise ValueError("an inner_update of your own has no lrs to scale by: scaled=False")
+        first = 0 if self.per_step_inner_lr else ...
+        scales = [lrs[n][first].sqrt() if scaled else 1.0 for n in fast]
         with torch.enable_grad():
             prediction = functional_call(self.model, {**rest, **fast}, (x_support,))
             grads = torch.autograd.grad(
@@ -242,6 +280,12 @@ class MAML(EpisodicLearner):
         if inner_steps is None:
             yield
             return
+        if self.per_step_inner_lr and _check_steps(inner_steps) > self.trained_inner_steps:
+            raise ValueError(
+                f"per-step inner lrs were learned for {self.trained_inner_steps} steps, so the "
+                f"inner loop cannot take {inner_steps} (per_step_inner_lr=False learns one lr "
+                "for any number of steps)"
+            )
         trained, self.inner_steps = self.inner_steps, _check_steps(inner_steps)
         try:
             yield

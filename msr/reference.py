@@ -19,14 +19,13 @@ def higher_meta_backward(maml: MAML, tasks: TaskBatch) -> torch.Tensor:
     model = maml.model
     fast = [model.get_parameter(n) for n in maml.fast_names]
     inner_opt = torch.optim.SGD([{"params": [p]} for p in fast], lr=0.1)  # lr overridden below
-    lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
     losses = []
     for xs, ys, xq, yq in zip(*tasks, strict=True):
-        with higher.innerloop_ctx(
-            model, inner_opt, copy_initial_weights=False, override={"lr": lrs}
-        ) as (fmodel, diffopt):
-            for _ in range(maml.inner_steps):
-                diffopt.step(maml.inner_loss_fn(fmodel(xs), ys))
+        lrs = [maml.inner_lrs[n.replace(".", "__")] for n in maml.fast_names]
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, opt):
+            for step in range(maml.inner_steps):
+                lr = [lr[step] for lr in lrs] if maml.per_step_inner_lr else lrs
+                opt.step(maml.inner_loss_fn(fmodel(xs), ys), override={"lr": lr})
             loss = maml.loss_fn(fmodel(xq), yq)
             (loss / tasks.num_tasks).backward()
             losses.append(loss.detach())

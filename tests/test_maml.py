@@ -46,7 +46,7 @@ def test_meta_gradients_match_higher(batching, inner_steps):
     ref_loss, ref = _higher_meta_grads(maml, tasks)
     torch.testing.assert_close(ours_loss, ref_loss, rtol=0, atol=1e-6)
     assert ours.keys() == ref.keys()
-    assert {"model.0.U", "model.2.U", "inner_lrs.0__v"} <= ours.keys()
+    assert {"model.0.U", "model.2.U", "log_inner_lrs.0__v"} <= ours.keys()
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=name)
 
@@ -93,9 +93,9 @@ def test_first_order_drops_only_second_order_terms(batching):
     torch.testing.assert_close(grads["model.0.v"], dv)
     torch.testing.assert_close(grads["model.0.U"], dU)
     torch.testing.assert_close(grads["model.0.bias"], db)
-    # The learned lr still gets its first-order gradient through the update v1 = v - lr g.
-    torch.testing.assert_close(grads["inner_lrs.0__v"], -(dv @ g_v))
-    torch.testing.assert_close(grads["inner_lrs.0__bias"], -(db @ g_b))
+    # The learned lr = exp(log lr) still gets its first-order gradient through v1 = v - lr g.
+    torch.testing.assert_close(grads["log_inner_lrs.0__v"], -(dv @ g_v) * lr)
+    torch.testing.assert_close(grads["log_inner_lrs.0__bias"], -(db @ g_b) * lr)
 
 
 def _conv_bn_net(norm=TaskBatchNorm):
@@ -202,9 +202,9 @@ def test_test_time_inner_steps_equal_a_learner_trained_with_them(batching):
 def test_fixed_inner_lr_and_custom_fast_set():
     maml = MAML(_mlp(), learn_inner_lr=False, fast_parameters=["2.v", "2.bias"])
     assert maml.fast_names == ("2.v", "2.bias")
-    assert all(not p.requires_grad for p in maml.inner_lrs.parameters())
+    assert all(not p.requires_grad for p in maml.log_inner_lrs.parameters())
     _, grads = _meta_grads(maml, _regression_tasks())
-    assert not any(n.startswith("inner_lrs") for n in grads)
+    assert not any(n.startswith("log_inner_lrs") for n in grads)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,7 @@ def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
     model = nn.Sequential(MSRLinear(3, 4, 5, bias=True), nn.Tanh(), nn.Linear(4, 2)).double()
     maml = MAML(model, inner_lr=0.3)
     with torch.no_grad():
-        maml.inner_lrs["2__weight"].fill_(0.05)  # one lr per tensor: D is not a multiple of I
+        maml.log_inner_lrs["2__weight"].fill_(math.log(0.05))  # per tensor: D is not a * I
     xs, ys = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     names = list(maml.fast_names)
     shapes = [model.get_parameter(n).shape for n in names]
@@ -286,13 +286,6 @@ def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
     smallest, largest = maml.inner_curvature(xs, ys, iterations=2000, scaled=False)
     assert smallest == pytest.approx(plain[0].item(), rel=1e-3, abs=1e-6)
     assert largest == pytest.approx(plain[-1].item(), rel=1e-3)
-    with torch.no_grad():
-        maml.inner_lrs["0__v"].fill_(-0.1)  # learned lrs can go negative: D^1/2 is undefined
-    with pytest.raises(ValueError, match=r"needs positive inner lrs; not positive: 0\.v "):
-        maml.inner_curvature(xs, ys)
-    assert maml.inner_curvature(xs, ys, iterations=400, scaled=False)[1] == pytest.approx(
-        plain[-1].item(), rel=1e-3
-    )
 
 
 # --- the open inner loop: adapt(), a user's own outer objective, inner_loss_fn ----------------
@@ -351,7 +344,7 @@ def test_a_user_outer_loop_over_adapt_matches_higher(batched, inner_steps):
     tasks = _regression_tasks()
     ours = _gradients(maml, lambda: _user_objective(maml, tasks, batched))
     reference = _gradients(maml, lambda: _higher_user_objective(maml, tasks))
-    assert ours.keys() == reference.keys() and {"model.0.U", "inner_lrs.0__v"} <= ours.keys()
+    assert {"model.0.U", "log_inner_lrs.0__v"} <= ours.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
 
@@ -407,7 +400,7 @@ def test_dropout_under_vmap_draws_its_own_mask_per_task():
     maml.eval()  # no dropout: the vmap path is the loop's
     tasks = _regression_tasks()
     looped = MAML(maml.model, batching="loop")
-    looped.inner_lrs.load_state_dict(maml.inner_lrs.state_dict())
+    looped.log_inner_lrs.load_state_dict(maml.log_inner_lrs.state_dict())
     torch.testing.assert_close(maml.evaluate(tasks)["loss"], looped.evaluate(tasks)["loss"])
 
 
@@ -425,3 +418,76 @@ def test_a_non_finite_meta_loss_names_its_tasks(batching):
     with pytest.raises(NonFiniteLossError, match=r"task 2 .*nothing was backpropagated") as error:
         maml.meta_loss(poisoned)
     assert error.value.losses.shape == (4,) and torch.isfinite(error.value.losses[[0, 1, 3]]).all()
+
+
+# --- inner learning rates: positive by construction, per step, or a rule of your own ---------
+def test_inner_lrs_stay_positive_whatever_the_outer_step():
+    """An outer step that would drive a plain lr far below zero leaves it positive (and the
+    meta-loss finite): the lrs are stored as logarithms."""
+    maml = MAML(_mlp(), inner_lr=0.1)
+    optimizer = torch.optim.SGD(maml.log_inner_lrs.parameters(), lr=1.0)
+    for log_lr in maml.log_inner_lrs.values():
+        log_lr.grad = torch.full_like(log_lr, 50.0)  # a plain lr would go to 0.1 - 50
+    optimizer.step()
+    assert all(0 < lr < 1e-20 for lr in maml.inner_lrs.values())
+    assert torch.isfinite(maml.meta_backward(_regression_tasks())).all()
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop", "grouped"])
+def test_per_step_inner_lrs_match_higher(batching):
+    maml = MAML(_mlp(), inner_steps=3, per_step_inner_lr=True, batching=batching)
+    with torch.no_grad():  # a different lr per step and tensor
+        for index, log_lr in enumerate(maml.log_inner_lrs.values()):
+            log_lr.copy_(torch.tensor([0.02, 0.05, 0.1], dtype=log_lr.dtype).log() + 0.1 * index)
+    assert all(lr.shape == (3,) for lr in maml.inner_lrs.values())
+    tasks = _regression_tasks()
+    ours_loss, ours = _meta_grads(maml, tasks)
+    ref_loss, ref = _higher_meta_grads(maml, tasks)
+    torch.testing.assert_close(ours_loss, ref_loss, rtol=0, atol=1e-6)
+    assert "log_inner_lrs.0__v" in ours and ours.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=name)
+    maml.evaluate(tasks, inner_steps=2)  # the first two steps' lrs
+    with pytest.raises(ValueError, match="per-step inner lrs were learned for 3 steps"):
+        maml.evaluate(tasks, inner_steps=4)
+
+
+class _ScaledSignSGD(nn.Module):
+    """An inner rule of a user's own: a meta-learned step size times the gradient's sign, plus
+    plain SGD (so that it stays differentiable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.01, dtype=torch.float64))
+
+    def forward(self, params, grads, step):
+        return {n: params[n] - self.scale * grads[n].sign() - 0.05 * grads[n] for n in params}
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop", "grouped"])
+def test_an_inner_update_of_ones_own_replaces_sgd(batching):
+    tasks = _regression_tasks()
+    torch.manual_seed(0)
+    sgd = MAML(_mlp(), inner_steps=2, inner_lr=0.05, learn_inner_lr=False, batching=batching)
+    torch.manual_seed(0)
+    rule = MAML(
+        _mlp(),
+        inner_steps=2,
+        inner_update=lambda params, grads, step: {n: params[n] - 0.05 * grads[n] for n in params},
+        batching=batching,
+    )
+    assert not list(rule.log_inner_lrs.parameters())
+    torch.testing.assert_close(_meta_grads(rule, tasks), _meta_grads(sgd, tasks))
+    learned = MAML(_mlp(), inner_steps=2, inner_update=_ScaledSignSGD(), batching=batching)
+    assert "inner_update.scale" in dict(learned.named_parameters())  # meta-learned
+    _, grads = _meta_grads(learned, tasks)
+    assert grads["inner_update.scale"].abs() > 0
+    with pytest.raises(ValueError, match="has no lrs to scale by"):
+        learned.inner_curvature(*tasks.task(0)[:2])
+
+
+def test_bad_inner_update_settings():
+    with pytest.raises(TypeError, match="inner_update must be callable, got float"):
+        MAML(_mlp(), inner_update=0.1)
+    with pytest.raises(ValueError, match="an inner_update has its own rule"):
+        MAML(_mlp(), inner_update=lambda p, g, s: p, per_step_inner_lr=True)
