@@ -60,6 +60,7 @@ from experiments.runfiles import (
 from msr import MAML, EpisodicLearner, TaskBatch, partition_parameters
 from msr.distributed import average_gradients, shard_tasks
 from msr.episodic import NonFiniteLossError as LearnerLossError
+from msr.saving import architecture
 from msr.streams import keyed_generator
 
 if TYPE_CHECKING:
@@ -363,10 +364,13 @@ def fit(
     first = 1 if state is None else state["step"] + 1
     start = time.perf_counter() - (0.0 if state is None else state["elapsed_s"])
 
+    described = architecture(learner)  # what msr.load rebuilds it from
+
     def save(step: int, unvalidated: float | None = None) -> None:
         if checkpoint is not None:
             payload = {
                 **(identity or {}),
+                "architecture": described,
                 "config": asdict(cfg),
                 "step": step,
                 "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},

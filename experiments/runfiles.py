@@ -28,7 +28,14 @@ from experiments.rundir import (
     write_error_reason,
 )
 from msr import viz
-from msr._files import content_digest, write_atomically
+from msr._files import (
+    ChecksumError,
+    ModelFileError,
+    load_weights_only,
+    with_checksum,
+    without_checksum,
+    write_atomically,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -75,6 +82,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 MODEL_FIELDS = {
+    "architecture",
     "driver",
     "seed",
     "tags",
@@ -91,8 +99,9 @@ MODEL_FIELDS = {
 def load_model(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A job's model file (``experiments.engine.fit`` writes it: its checkpoint as it trains,
     its model once trained), its checksum verified (no code runs while it loads): the learner's
-    state dict with what rebuilds it (driver, seed, tags, preset, config) and how far it got
-    (step, and the optimizer's state to continue from)."""
+    state dict with what rebuilds it (its ``architecture``, which ``msr.load`` reads, and the
+    driver, seed, tags, preset and config) and how far it got (step, and the optimizer's state
+    to continue from)."""
     saved = load_checked(path, map_location)
     missing = MODEL_FIELDS - set(saved)
     if missing:
@@ -100,13 +109,10 @@ def load_model(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     return saved
 
 
-CHECKSUM_KEY = "sha256"  # beside a checkpoint's or model file's own fields
-
-
 def save_checked(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` a dict atomically, with the ``content_digest`` of its fields stored beside
     them, so that ``load_checked`` notices any change (a flipped bit, a truncation)."""
-    checked = _with_checksum(payload)
+    checked = with_checksum(payload)
     atomic_write(path, lambda stream: torch.save(checked, stream))
 
 
@@ -123,22 +129,13 @@ def load_checked(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     )
 
 
-def _with_checksum(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` with its ``content_digest`` under ``CHECKSUM_KEY``."""
-    if CHECKSUM_KEY in payload:
-        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
-    return {**payload, CHECKSUM_KEY: content_digest(payload)}
-
-
 def _verified(path: Path, saved: Any, absent: str, changed: str) -> dict[str, Any]:
-    """What ``_with_checksum`` stored, without its checksum, once the checksum matches; a
+    """What ``with_checksum`` stored, without its checksum, once the checksum matches; a
     ``RunError`` "``path`` ``absent``" without one, "``path`` ``changed``" on a mismatch."""
-    if not isinstance(saved, dict) or not isinstance(saved.get(CHECKSUM_KEY), str):
-        raise RunError(f"{path} {absent}")
-    payload = {key: value for key, value in saved.items() if key != CHECKSUM_KEY}
-    if content_digest(payload) != saved[CHECKSUM_KEY]:
-        raise RunError(f"{path} {changed}")
-    return payload
+    try:
+        return without_checksum(saved)
+    except ChecksumError as error:
+        raise RunError(f"{path} {absent if error.absent else changed}") from None
 
 
 def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -177,7 +174,7 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     ``CHECKSUM_KEY``: a resumed run builds on the runs in it, so ``read_results`` refuses a file
     that was edited or damaged since."""
     stored = json.loads(json.dumps(results))  # as JSON gives it back: tuples are lists
-    write_json_atomic(path, _with_checksum(stored))
+    write_json_atomic(path, with_checksum(stored))
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -186,7 +183,7 @@ def read_results(path: Path) -> dict[str, Any]:
     return _verified(
         path,
         read_json(path),
-        absent=f"is not a results file of these drivers (no {CHECKSUM_KEY} checksum: a foreign "
+        absent="is not a results file of these drivers (no sha256 checksum: a foreign "
         "file, or one written before results were checksummed)",
         changed="was changed after its run wrote it (its contents do not match the SHA-256 "
         "checksum stored in it); it was not used",
@@ -243,18 +240,11 @@ def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
     """A checkpoint or model file, loaded with ``weights_only=True`` (tensors and plain Python
     values only: a file that would run code is refused); any failure is a ``RunError``."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return load_weights_only(path, map_location)
     except FileNotFoundError:
         raise RunError(f"{path} does not exist") from None
-    except Exception as error:  # torch raises many kinds: unpickling, zip, EOF, runtime
-        # The specific line, not torch's advice to retry with weights_only=False.
-        lines = [line.strip() for line in str(error).splitlines()]
-        specific = [line for line in lines if line and not line.startswith(_TORCH_LOAD_ADVICE)]
-        reason = specific[0] if specific else type(error).__name__
-        raise RunError(f"{path} cannot be loaded safely: {reason}") from None
-
-
-_TORCH_LOAD_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    except ModelFileError as error:
+        raise RunError(str(error)) from None
 
 
 class MetricsLog:

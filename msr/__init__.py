@@ -10,12 +10,14 @@ from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
 from msr.maml import MAML, partition_parameters
 from msr.norm import TaskBatchNorm
 from msr.protonet import ProtoNet
+from msr.saving import ModelFileError, load, save
 
 __all__ = [
     "MAML",
     "EpisodicLearner",
     "MSRConv2d",
     "MSRLinear",
+    "ModelFileError",
     "NonFiniteLossError",
     "ProtoNet",
     "SymmetryLayer",
@@ -24,6 +26,8 @@ __all__ = [
     "accuracy",
     "bases",
     "groups",
+    "load",
     "partition_parameters",
+    "save",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Files written atomically and checksummed: what ``msr.viz.save`` and the drivers share."""
+"""Files written atomically and checksummed: what ``msr.viz.save``, ``msr.saving`` and the
+drivers share."""
 
 from __future__ import annotations
 
@@ -38,6 +39,64 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: missing, unreadable, foreign, changed or damaged, or a
+    model that cannot be described as data."""
+
+
+CHECKSUM_KEY = "sha256"  # beside a checksummed file's own fields
+
+
+def with_checksum(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with its ``content_digest`` under ``CHECKSUM_KEY``."""
+    if CHECKSUM_KEY in payload:
+        raise ValueError(f"{CHECKSUM_KEY!r} is reserved for the checksum")
+    return {**payload, CHECKSUM_KEY: content_digest(payload)}
+
+
+class ChecksumError(ModelFileError):
+    """``without_checksum`` found no checksum (``absent``) or one that does not match."""
+
+    def __init__(self, absent: bool) -> None:
+        super().__init__(
+            "holds no checksum: not a model file of this package, or one written before they "
+            "were checksummed"
+            if absent
+            else "is corrupt: its contents do not match the SHA-256 checksum stored in it"
+        )
+        self.absent = absent
+
+
+def without_checksum(saved: Any) -> dict[str, Any]:
+    """What ``with_checksum`` stored, without its checksum, once the checksum matches; a
+    ``ChecksumError`` otherwise."""
+    if not isinstance(saved, dict) or not isinstance(saved.get(CHECKSUM_KEY), str):
+        raise ChecksumError(absent=True)
+    payload = {key: value for key, value in saved.items() if key != CHECKSUM_KEY}
+    if content_digest(payload) != saved[CHECKSUM_KEY]:
+        raise ChecksumError(absent=False)
+    return payload
+
+
+def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
+    """A torch file loaded with ``weights_only=True`` (tensors and plain Python values only: a
+    file that would run code is refused); a missing file is a ``FileNotFoundError``, any other
+    failure a ``ModelFileError`` with torch's specific reason."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises many kinds: unpickling, zip, EOF, runtime
+        # The specific line, not torch's advice to retry with weights_only=False.
+        lines = [line.strip() for line in str(error).splitlines()]
+        specific = [line for line in lines if line and not line.startswith(_TORCH_LOAD_ADVICE)]
+        reason = specific[0] if specific else type(error).__name__
+        raise ModelFileError(f"{path} cannot be loaded safely: {reason}") from None
+
+
+_TORCH_LOAD_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 def content_digest(value: Any) -> str:

@@ -52,14 +52,16 @@ class MAML(EpisodicLearner):
     ``maml.parameters()`` are the outer-loop variables: the model's parameters (symmetries and
     the initial fast parameters) and, when ``learn_inner_lr``, one inner learning rate per fast
     parameter tensor (``per_step_inner_lr``: one per tensor and inner step, as in MAML++),
-    stored as their logarithms (``log_inner_lrs``), so they stay positive by construction;
-    ``inner_lrs`` gives their values. ``inner_update(params, grads, step) -> params`` replaces
-    SGD with a rule of your own (an ``nn.Module`` one is meta-learned with the rest; on the
-    grouped path the tensors carry a leading task dimension). Second-order meta-gradients by
-    default; ``first_order=True`` drops the second-order terms. ``fast_parameters`` restricts
-    adaptation to the named parameters (e.g. only the head, for ANIL). ``inner_loss_fn`` is
-    the support-set loss the inner loop descends (default: ``loss_fn``, the query loss), e.g.
-    a label-smoothed or regularized one.
+    stored through a sharp softplus (``raw_inner_lrs``: lr = softplus(beta raw) / beta, with
+    beta = 10 / ``inner_lr``), so they stay positive by construction while an lr above a tenth
+    of its initial value moves as a plain parameter would; ``inner_lrs`` gives their values.
+    ``inner_update(params, grads, step) -> params`` replaces SGD with a rule of your own (an
+    ``nn.Module`` one is meta-learned with the rest; on the grouped path the tensors carry a
+    leading task dimension). Second-order meta-gradients by default; ``first_order=True``
+    drops the second-order terms. ``fast_parameters`` restricts adaptation to the named
+    parameters (e.g. only the head, for ANIL). ``inner_loss_fn`` is the support-set loss the
+    inner loop descends (default: ``loss_fn``, the query loss), e.g. a label-smoothed or
+    regularized one.
 
     Beyond ``meta_backward``, the inner loop is open: ``adapt(x, y, create_graph=True)`` gives
     one task's adapted tensors, and ``maml(x_query, params=...)`` runs the model with them, so
@@ -117,18 +119,26 @@ class MAML(EpisodicLearner):
         self.inner_update = inner_update
         first = model.get_parameter(fast[0])  # the inner lrs live beside the fast parameters
         shape = (inner_steps,) if per_step_inner_lr else ()
-        log_lr = torch.full(shape, math.log(inner_lr), dtype=first.dtype, device=first.device)
-        self.log_inner_lrs = nn.ParameterDict(
-            {} if inner_update else {_lr_key(n): nn.Parameter(log_lr.clone()) for n in fast}
+        options = {"dtype": first.dtype, "device": first.device}
+        self.register_buffer("inner_lr_beta", torch.tensor(_SHARPNESS / inner_lr, **options))
+        raw = torch.full(shape, inner_lr, **options)
+        raw = torch.log(torch.expm1(self.inner_lr_beta * raw)) / self.inner_lr_beta
+        self.raw_inner_lrs = nn.ParameterDict(
+            {} if inner_update else {_lr_key(n): nn.Parameter(raw.clone()) for n in fast}
         )
-        self.log_inner_lrs.requires_grad_(learn_inner_lr)
+        self.raw_inner_lrs.requires_grad_(learn_inner_lr)
+
+    def _lr(self, raw: Tensor) -> Tensor:
+        """An inner lr from its raw parameter: softplus(beta raw) / beta, positive (it decays
+        smoothly to 0 as raw goes to -inf, never below) and ~raw once raw is well above 1/beta."""
+        return F.softplus(self.inner_lr_beta * raw) / self.inner_lr_beta
 
     @property
     def inner_lrs(self) -> dict[str, Tensor]:
-        """The inner learning rates, positive by construction (``exp`` of ``log_inner_lrs``), by
-        ``log_inner_lrs``' keys (a fast parameter's name with "__" for "."): a scalar per
+        """The inner learning rates, positive by construction (from ``raw_inner_lrs``), by
+        ``raw_inner_lrs``' keys (a fast parameter's name with "__" for "."): a scalar per
         tensor, or one per inner step with ``per_step_inner_lr``; differentiable."""
-        return {key: log_lr.exp() for key, log_lr in self.log_inner_lrs.items()}
+        return {key: self._lr(raw) for key, raw in self.raw_inner_lrs.items()}
 
     def _loss_function(self, part: str) -> LossFn:
         return self.inner_loss_fn if part == "support" else self.loss_fn
@@ -145,7 +155,7 @@ class MAML(EpisodicLearner):
             )
         lrs: dict[str, Tensor | None] = {n: None for n in live}  # None: inner_update's own
         if self.inner_update is None:
-            lrs = {n: self.log_inner_lrs[_lr_key(n)].exp() for n in live}
+            lrs = {n: self._lr(self.raw_inner_lrs[_lr_key(n)]) for n in live}
             if detach:
                 lrs = {n: t.detach() for n, t in lrs.items()}
         return self._model_state(detach), lrs
@@ -374,6 +384,9 @@ def _check_steps(inner_steps: object) -> int:
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
         raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
     return inner_steps
+
+
+_SHARPNESS = 10.0  # beta times the initial lr: softplus's slope there is sigmoid(10) = 0.99995
 
 
 def _lr_key(name: str) -> str:

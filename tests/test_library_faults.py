@@ -135,7 +135,7 @@ def test_a_frozen_fast_parameter_stays_frozen_unadapted_and_unchanged(batching):
     adapted = maml.adapted_model(*_regression_tasks().task(0)[:2])
     assert torch.equal(adapted[0].weight, frozen)  # not adapted either
     assert not torch.equal(adapted[2].weight, model[2].weight)
-    assert maml.log_inner_lrs["0__weight"].grad is None
+    assert maml.raw_inner_lrs["0__weight"].grad is None
     model.requires_grad_(False)
     with pytest.raises(ValueError, match=r"every fast parameter .* is frozen"):
         maml.meta_backward(_regression_tasks())

@@ -46,7 +46,7 @@ def test_meta_gradients_match_higher(batching, inner_steps):
     ref_loss, ref = _higher_meta_grads(maml, tasks)
     torch.testing.assert_close(ours_loss, ref_loss, rtol=0, atol=1e-6)
     assert ours.keys() == ref.keys()
-    assert {"model.0.U", "model.2.U", "log_inner_lrs.0__v"} <= ours.keys()
+    assert {"model.0.U", "model.2.U", "raw_inner_lrs.0__v"} <= ours.keys()
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=name)
 
@@ -86,6 +86,7 @@ def test_first_order_drops_only_second_order_terms(batching):
     support = F.mse_loss(F.linear(xs, (U @ v).view(4, 6), layer.bias), ys)
     g_v, g_b = torch.autograd.grad(support, (v, layer.bias))
     lr = maml.inner_lrs["0__v"].detach()
+    slope = torch.sigmoid(maml.inner_lr_beta * maml.raw_inner_lrs["0__v"]).detach()  # dlr/draw
     v1 = (v - lr * g_v).detach().requires_grad_(True)
     b1 = (layer.bias - lr * g_b).detach().requires_grad_(True)
     query = F.mse_loss(F.linear(xq, (U @ v1).view(4, 6), b1), yq)
@@ -93,9 +94,9 @@ def test_first_order_drops_only_second_order_terms(batching):
     torch.testing.assert_close(grads["model.0.v"], dv)
     torch.testing.assert_close(grads["model.0.U"], dU)
     torch.testing.assert_close(grads["model.0.bias"], db)
-    # The learned lr = exp(log lr) still gets its first-order gradient through v1 = v - lr g.
-    torch.testing.assert_close(grads["log_inner_lrs.0__v"], -(dv @ g_v) * lr)
-    torch.testing.assert_close(grads["log_inner_lrs.0__bias"], -(db @ g_b) * lr)
+    # The learned lr (a softplus of its raw parameter) gets its gradient through v1 = v - lr g.
+    torch.testing.assert_close(grads["raw_inner_lrs.0__v"], -(dv @ g_v) * slope)
+    torch.testing.assert_close(grads["raw_inner_lrs.0__bias"], -(db @ g_b) * slope)
 
 
 def _conv_bn_net(norm=TaskBatchNorm):
@@ -202,9 +203,9 @@ def test_test_time_inner_steps_equal_a_learner_trained_with_them(batching):
 def test_fixed_inner_lr_and_custom_fast_set():
     maml = MAML(_mlp(), learn_inner_lr=False, fast_parameters=["2.v", "2.bias"])
     assert maml.fast_names == ("2.v", "2.bias")
-    assert all(not p.requires_grad for p in maml.log_inner_lrs.parameters())
+    assert all(not p.requires_grad for p in maml.raw_inner_lrs.parameters())
     _, grads = _meta_grads(maml, _regression_tasks())
-    assert not any(n.startswith("log_inner_lrs") for n in grads)
+    assert not any(n.startswith("raw_inner_lrs") for n in grads)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +259,7 @@ def test_inner_curvature_is_the_spectrum_of_the_lr_scaled_support_hessian():
     model = nn.Sequential(MSRLinear(3, 4, 5, bias=True), nn.Tanh(), nn.Linear(4, 2)).double()
     maml = MAML(model, inner_lr=0.3)
     with torch.no_grad():
-        maml.log_inner_lrs["2__weight"].fill_(math.log(0.05))  # per tensor: D is not a * I
+        maml.raw_inner_lrs["2__weight"].copy_(_raw_lr(maml, 0.05))  # per tensor: D is not a * I
     xs, ys = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     names = list(maml.fast_names)
     shapes = [model.get_parameter(n).shape for n in names]
@@ -344,7 +345,7 @@ def test_a_user_outer_loop_over_adapt_matches_higher(batched, inner_steps):
     tasks = _regression_tasks()
     ours = _gradients(maml, lambda: _user_objective(maml, tasks, batched))
     reference = _gradients(maml, lambda: _higher_user_objective(maml, tasks))
-    assert {"model.0.U", "log_inner_lrs.0__v"} <= ours.keys() == reference.keys()
+    assert {"model.0.U", "raw_inner_lrs.0__v"} <= ours.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
 
@@ -400,7 +401,7 @@ def test_dropout_under_vmap_draws_its_own_mask_per_task():
     maml.eval()  # no dropout: the vmap path is the loop's
     tasks = _regression_tasks()
     looped = MAML(maml.model, batching="loop")
-    looped.log_inner_lrs.load_state_dict(maml.log_inner_lrs.state_dict())
+    looped.raw_inner_lrs.load_state_dict(maml.raw_inner_lrs.state_dict())
     torch.testing.assert_close(maml.evaluate(tasks)["loss"], looped.evaluate(tasks)["loss"])
 
 
@@ -421,15 +422,26 @@ def test_a_non_finite_meta_loss_names_its_tasks(batching):
 
 
 # --- inner learning rates: positive by construction, per step, or a rule of your own ---------
+def _raw_lr(maml, lr):
+    """The raw parameter of inner lr ``lr`` (the inverse of softplus(beta raw) / beta)."""
+    beta = maml.inner_lr_beta
+    return torch.log(torch.expm1(beta * torch.as_tensor(lr, dtype=beta.dtype))) / beta
+
+
 def test_inner_lrs_stay_positive_whatever_the_outer_step():
-    """An outer step that would drive a plain lr far below zero leaves it positive (and the
-    meta-loss finite): the lrs are stored as logarithms."""
+    """An outer step that would drive a plain lr below zero leaves it positive (and the
+    meta-loss finite), while small steps move it as they would move a plain lr."""
     maml = MAML(_mlp(), inner_lr=0.1)
-    optimizer = torch.optim.SGD(maml.log_inner_lrs.parameters(), lr=1.0)
-    for log_lr in maml.log_inner_lrs.values():
-        log_lr.grad = torch.full_like(log_lr, 50.0)  # a plain lr would go to 0.1 - 50
+    assert all(lr.item() == pytest.approx(0.1, rel=1e-12) for lr in maml.inner_lrs.values())
+    optimizer = torch.optim.SGD(maml.raw_inner_lrs.parameters(), lr=1.0)
+    for raw in maml.raw_inner_lrs.values():
+        raw.grad = torch.full_like(raw, 0.01)  # a plain lr would go to 0.09
     optimizer.step()
-    assert all(0 < lr < 1e-20 for lr in maml.inner_lrs.values())
+    assert all(lr.item() == pytest.approx(0.09, rel=1e-3) for lr in maml.inner_lrs.values())
+    for raw in maml.raw_inner_lrs.values():
+        raw.grad = torch.full_like(raw, 0.5)  # a plain lr would go to -0.41
+    optimizer.step()
+    assert all(0 < lr < 1e-15 for lr in maml.inner_lrs.values())
     assert torch.isfinite(maml.meta_backward(_regression_tasks())).all()
 
 
@@ -437,14 +449,14 @@ def test_inner_lrs_stay_positive_whatever_the_outer_step():
 def test_per_step_inner_lrs_match_higher(batching):
     maml = MAML(_mlp(), inner_steps=3, per_step_inner_lr=True, batching=batching)
     with torch.no_grad():  # a different lr per step and tensor
-        for index, log_lr in enumerate(maml.log_inner_lrs.values()):
-            log_lr.copy_(torch.tensor([0.02, 0.05, 0.1], dtype=log_lr.dtype).log() + 0.1 * index)
+        for index, raw in enumerate(maml.raw_inner_lrs.values()):
+            raw.copy_(_raw_lr(maml, [0.02 + 0.01 * index, 0.05, 0.1]))
     assert all(lr.shape == (3,) for lr in maml.inner_lrs.values())
     tasks = _regression_tasks()
     ours_loss, ours = _meta_grads(maml, tasks)
     ref_loss, ref = _higher_meta_grads(maml, tasks)
     torch.testing.assert_close(ours_loss, ref_loss, rtol=0, atol=1e-6)
-    assert "log_inner_lrs.0__v" in ours and ours.keys() == ref.keys()
+    assert "raw_inner_lrs.0__v" in ours and ours.keys() == ref.keys()
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=name)
     maml.evaluate(tasks, inner_steps=2)  # the first two steps' lrs
@@ -476,7 +488,7 @@ def test_an_inner_update_of_ones_own_replaces_sgd(batching):
         inner_update=lambda params, grads, step: {n: params[n] - 0.05 * grads[n] for n in params},
         batching=batching,
     )
-    assert not list(rule.log_inner_lrs.parameters())
+    assert not list(rule.raw_inner_lrs.parameters())
     torch.testing.assert_close(_meta_grads(rule, tasks), _meta_grads(sgd, tasks))
     learned = MAML(_mlp(), inner_steps=2, inner_update=_ScaledSignSGD(), batching=batching)
     assert "inner_update.scale" in dict(learned.named_parameters())  # meta-learned
