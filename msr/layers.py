@@ -283,6 +283,12 @@ class MSRConv2d(SymmetryLayer):
         kernel = torch.einsum("ck,...abk->...abc", tensors["U_kernel"], kernel)
         return kernel.reshape(shape)
 
+    def kronecker_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(U_out, U_in, U_kernel) of a Kronecker layer: U is their Kronecker product."""
+        if not self.kronecker:
+            raise AttributeError("a dense-U MSRConv2d has no Kronecker factors")
+        return self.U_out, self.U_in, self.U_kernel
+
     def sharing_matrix(self) -> Tensor:
         """U, ``(out * in * kh * kw, latent)``: the dense basis, or ``kronecker_sharing`` of
         the three factors (latent = numel; built on demand, small layers only)."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from msr._files import write_atomically
+from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,19 +74,60 @@ def plot_sharing(
     return plot_matrices(panels, title)
 
 
+def layer_directions(layer: SymmetryLayer, count: int) -> list[tuple[float, Tensor]]:
+    """``sharing_directions`` of any MSR layer, each shaped as its weight. For a Kronecker
+    ``MSRConv2d`` they come from the SVDs of its three factors (the singular vectors of
+    U_out (x) U_in (x) U_kernel are the Kronecker products of theirs, the singular values the
+    products), so its dense U, (out*in*kh*kw)^2 entries, is never built."""
+    shape = tuple(layer.weight.shape)
+    if not getattr(layer, "kronecker", False):
+        return sharing_directions(layer.sharing_matrix(), shape, count)
+    factors = [torch.linalg.svd(f.detach().double().cpu()) for f in layer.kronecker_factors()]
+    values = torch.einsum("a,b,c->abc", *(singular for _, singular, _ in factors))
+    top = values.flatten().topk(min(count, values.numel())).indices
+    directions = []
+    for a, b, c in zip(*torch.unravel_index(top, values.shape), strict=True):
+        (u_out, _, _), (u_in, _, _), (u_kernel, _, _) = factors
+        direction = torch.kron(torch.kron(u_out[:, a], u_in[:, b]), u_kernel[:, c])
+        directions.append((float(values[a, b, c]), direction.view(shape)))
+    return directions
+
+
+def plot_layer(layer: SymmetryLayer, title: str | None = None, count: int = 4) -> Figure:
+    """The figure of any MSR layer's learned sharing: ``plot_sharing`` of an ``MSRLinear``
+    (its current weight beside the directions; an identity U has none worth drawing),
+    ``plot_conv_directions`` of an ``MSRConv2d``; titled by the layer unless ``title``."""
+    title = repr(layer) if title is None else title
+    if isinstance(layer, MSRLinear):
+        U = None if layer.U is None else layer.U
+        return plot_sharing(U, layer.weight.detach(), title=title, count=count)
+    if isinstance(layer, MSRConv2d):
+        kernel_shape = tuple(layer.weight.shape)
+        return plot_conv_directions(None, kernel_shape, title, count, layer=layer)
+    raise TypeError(f"plot_layer draws MSRLinear and MSRConv2d layers, not {type(layer).__name__}")
+
+
 def plot_conv_directions(
-    U: Tensor,
+    U: Tensor | None,
     kernel_shape: Sequence[int],
     title: str = "",
     count: int = 3,
     channels: int = 8,
     in_channel: int = 0,
+    *,
+    layer: MSRConv2d | None = None,
 ) -> Figure:
     """A conv layer: each of the ``count`` strongest directions of span(U) as a kernel of
-    ``kernel_shape`` (out, in, kh, kw), one row per direction, the filters of the first
-    ``channels`` output channels (input channel ``in_channel``) along it."""
+    ``kernel_shape`` (out, in, kh, kw), one row per direction with its colour bar, the filters
+    of the first ``channels`` output channels (input channel ``in_channel``) along it. Give
+    ``layer`` instead of ``U`` to take the directions from it (``layer_directions``)."""
     plt = _pyplot()
-    directions = sharing_directions(U, kernel_shape, count)
+    if (U is None) == (layer is None):
+        raise ValueError("give the sharing matrix U or the layer, not both or neither")
+    if layer is None:
+        directions = sharing_directions(U, kernel_shape, count)
+    else:
+        directions = layer_directions(layer, count)
     shown = min(channels, kernel_shape[0])
     fig, axes = plt.subplots(
         len(directions), shown, figsize=(1.1 * shown + 0.5, 1.2 * len(directions) + 0.6),
@@ -96,13 +138,16 @@ def plot_conv_directions(
         for channel in range(shown):
             ax = axes[row, channel]
             filt = kernel[channel, in_channel].float().numpy()
-            ax.imshow(filt, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            image = ax.imshow(filt, cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"channel {channel}", fontsize=7)
         axes[row, 0].set_ylabel(f"dir. {row + 1}\ns.v. {value:.2g}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        colorbar = fig.colorbar(image, ax=axes[row, -1], fraction=0.046, pad=0.04)
+        colorbar.ax.tick_params(labelsize=6)
+    fig.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    fig.supxlabel(f"output channel (input channel {in_channel})", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -109,10 +109,12 @@ def unnamed_modules(mods: list[ModuleType]) -> list[str]:
 
 
 def write_guide(out: Path, mods: list[ModuleType]) -> list[str]:
-    """Render README.md (as ``guide/index.html``) and docs/*.md into ``out/guide``, their
-    links between each other made links between the pages and docs/figures copied beside them;
-    returns the broken links (to a page or a figure that does not exist)."""
-    pages = {"README": ROOT / "README.md"} | {p.stem: p for p in sorted(GUIDE.glob("*.md"))}
+    """Render README.md (as ``guide/index.html``), CHANGELOG.md (if any) and docs/*.md into
+    ``out/guide``, their links between each other made links between the pages and
+    docs/figures copied beside them; returns the broken links (to a page or a figure that does
+    not exist)."""
+    pages = {p.stem: p for p in (ROOT / "README.md", ROOT / "CHANGELOG.md") if p.is_file()}
+    pages |= {p.stem: p for p in sorted(GUIDE.glob("*.md"))}
     (out / "guide").mkdir(parents=True, exist_ok=True)
     if (GUIDE / "figures").is_dir():
         shutil.copytree(GUIDE / "figures", out / "guide" / "figures", dirs_exist_ok=True)

@@ -22,12 +22,13 @@ def test_the_api_reference_builds_with_no_warning_or_broken_reference(tmp_path):
     assert {"msr.html", "msr/layers.html", "msr/maml.html", "msr/viz.html"} <= pages
     assert "meta_loss" in (tmp_path / "msr" / "episodic.html").read_text()
     guide = {p.stem for p in (tmp_path / "guide").glob("*.html")}
-    assert guide == {"index"} | {p.stem for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert guide == {"index", "CHANGELOG"} | {p.stem for p in (REPO_ROOT / "docs").glob("*.md")}
     assert {"results", "running", "performance", "architecture", "library"} <= guide
     index = (tmp_path / "guide" / "index.html").read_text()
     linked = re.findall(r'href="\.\./(msr[^"]*\.html)"', index)
     assert len(linked) == len(docs.modules()) and all((tmp_path / page).exists() for page in linked)
     assert 'href="results.html"' in index  # README's docs/results.md, as a page of the guide
+    assert 'href="CHANGELOG.html"' in index
 
 
 def test_a_broken_guide_link_and_an_undocumented_module_are_reported(tmp_path, monkeypatch):

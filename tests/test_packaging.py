@@ -50,3 +50,29 @@ def test_one_version_and_type_information():
     assert importlib.metadata.version("msr") == msr.__version__
     assert (Path(msr.__file__).parent / "py.typed").is_file()
     assert "version = attr: msr.__version__" in (REPO_ROOT / "setup.cfg").read_text()
+
+
+def test_the_readme_quick_start_runs(tmp_path):
+    """README's library quick start, as a user runs it (scripts/wheel_check.sh runs it again in
+    a fresh environment from the built wheel, in CI)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the README quick start ran" in done.stdout
+    assert isinstance(msr.load(tmp_path / "maml.pt"), msr.MAML)  # what it saved
+
+
+def test_the_licence_and_citation_match_the_metadata():
+    metadata = importlib.metadata.metadata("msr")
+    assert metadata["License"] == "MIT"
+    assert (REPO_ROOT / "LICENSE").read_text().startswith("MIT License")
+    citation = (REPO_ROOT / "CITATION.cff").read_text()
+    assert f"version: {msr.__version__}" in citation and "license: MIT" in citation
+    assert "Meta-Learning Symmetries by Reparameterization" in citation
+    changelog = (REPO_ROOT / "CHANGELOG.md").read_text()
+    assert "## Unreleased" in changelog and f"## {msr.__version__}" in changelog
