@@ -57,7 +57,7 @@ from experiments.runfiles import (
     save_figure,
     write_results,
 )
-from msr import MAML, EpisodicLearner, TaskBatch, partition_parameters
+from msr import MAML, EpisodicLearner, SymmetryLayer, TaskBatch, partition_parameters
 from msr.distributed import average_gradients, shard_tasks
 from msr.episodic import NonFiniteLossError as LearnerLossError
 from msr.saving import architecture
@@ -95,6 +95,7 @@ class Experiment:
     default_preset = "quick"
     metric = "mse"  # the results field averaged over seeds
     metric_label = "MSE"  # its name in the printed tables
+    metric_to_board = 1.0  # times the metric is its TensorBoard value (accuracy: a fraction)
     figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
 
     @property
@@ -331,6 +332,8 @@ def run_job(
     )
     entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
     entry["device"] = str(device)
+    final = entry[experiment.metric] * experiment.metric_to_board
+    log.hparams(tags, asdict(tuned), {f"final/{experiment.metric}": final})
     if plan.draw is not None and (figure := plan.draw(entry)) is not None:
         save_figure(figure, experiment.figure_path(args.out, tags))
     return entry
@@ -388,6 +391,8 @@ def fit(
             raise
         elapsed = time.perf_counter() - start
         log.write(**tags, step=step, train_loss=train_loss, **scores, elapsed_s=elapsed)
+        if log.board:
+            log.figures(tags, step, sharing_figures(learner))
 
     if state is None:
         save(0)  # a job stopped before its first checkpoint resumes from here
@@ -418,6 +423,19 @@ def fit(
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save(step)
     return time.perf_counter() - start
+
+
+def sharing_figures(learner: EpisodicLearner) -> dict[str, Figure]:
+    """``msr.viz.plot_layer`` of each layer whose sharing is learned, by TensorBoard tag
+    (``sharing/<layer name>``)."""
+    from msr import viz
+
+    layers = [
+        (name or "model", layer)
+        for name, layer in learner.model.named_modules()
+        if isinstance(layer, SymmetryLayer) and any(True for _ in layer.meta_parameters())
+    ]
+    return {f"sharing/{name}": viz.plot_layer(layer, title=name) for name, layer in layers}
 
 
 def outer_groups(learner: EpisodicLearner, cfg: RunConfig) -> list[dict[str, Any]]:

@@ -224,6 +224,7 @@ class FewShot(Experiment):
     default_preset = "cpu"
     metric = "accuracy"
     metric_label = "accuracy (%)"
+    metric_to_board = 0.01
     figure_prefix = "symmetry"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -379,7 +380,8 @@ class FewShot(Experiment):
         return Plan(
             learner,
             lambda generator: episodes(train, cfg.meta_batch, generator, cfg.augment == "queries"),
-            lambda: {"val_accuracy": score(val, cfg.val_tasks).mean().item()},
+            # a fraction, as evaluate's accuracy (results and tables give percentages)
+            lambda: {"val_accuracy": score(val, cfg.val_tasks).mean().item() / 100},
             result,
             draw,
             stream_device=device,
@@ -455,13 +457,15 @@ class FewShot(Experiment):
 
 
 def _validation_curves(metrics: Path) -> dict[str, dict[float, float]]:
-    """{job label: {step: validation accuracy}} from a run's metrics.jsonl (none if absent)."""
+    """{job label: {step: validation accuracy (%)}} from a run's metrics.jsonl (none if
+    absent; the log holds fractions)."""
     curves: dict[str, dict[float, float]] = {}
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
             if "val_accuracy" in record:
-                curves.setdefault(_label(record), {})[record["step"]] = record["val_accuracy"]
+                accuracy = 100 * record["val_accuracy"]
+                curves.setdefault(_label(record), {})[record["step"]] = accuracy
     return curves
 
 

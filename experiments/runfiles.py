@@ -249,17 +249,20 @@ def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
 
 class MetricsLog:
     """Append-only JSON-lines log, flushed after every record so a killed run keeps its history;
-    the record of truth. With ``tensorboard`` (a folder), each record's float fields also go
-    to TensorBoard as scalars at its ``step``, under a name made of its other fields (e.g.
-    ``MSR-FC/k=1/seed=0/test_mse``)."""
+    the record of truth. With ``tensorboard`` (a folder), each job also gets a TensorBoard run
+    of its own, a folder named by the record's other fields (e.g. ``MSR-FC/k=1/seed=0``),
+    where every float field is a scalar at the record's ``step`` under a standard tag
+    (``board_tag``: ``train/loss``, ``val/accuracy``, ``test/mse``, ...); ``hparams`` and
+    ``figures`` add a job's hyper-parameters and images to its run."""
 
     def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._board = None
+        self._board: Path | None = None
+        self._writers: dict[str, Any] = {}  # run folder name -> its SummaryWriter
         if tensorboard is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError as error:
                 raise ImportError(
                     "--tensorboard needs the tensorboard package: pip install 'msr[experiments]'"
@@ -270,10 +273,32 @@ class MetricsLog:
                     "which does not exist"
                 )
             try:
-                self._board = SummaryWriter(str(tensorboard))
+                tensorboard.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise RunError(f"--tensorboard: cannot write in {tensorboard}: {error}") from None
+            self._board = tensorboard
         self._stream = path.open("ab", buffering=0)  # nothing left in a buffer if a write fails
+
+    @property
+    def board(self) -> bool:
+        """Whether this log also writes to TensorBoard."""
+        return self._board is not None
+
+    def _writer(self, fields: dict[str, Any]) -> Any:
+        """The SummaryWriter of the job that ``fields`` (a record's tags) name."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        run = "/".join(
+            str(v) if isinstance(v, str) else f"{k}={v}"
+            for k, v in fields.items()
+            if k != "step" and not isinstance(v, float)
+        )
+        if run not in self._writers:
+            try:
+                self._writers[run] = SummaryWriter(str(self._board / run))
+            except OSError as error:
+                raise RunError(f"--tensorboard: cannot write in {self._board}: {error}") from None
+        return self._writers[run]
 
     def write(self, **record: Any) -> None:
         """Append ``record`` as one line; a failed write (e.g. a full disk) is a
@@ -288,23 +313,50 @@ class MetricsLog:
                 "before are intact"
             ) from error
         if self._board is not None:
-            run = "/".join(
-                str(v) if isinstance(v, str) else f"{k}={v}"
-                for k, v in record.items()
-                if k != "step" and not isinstance(v, float)
-            )
+            writer = self._writer(record)
             for key, value in record.items():
                 if isinstance(value, float):
-                    self._board.add_scalar(f"{run}/{key}" if run else key, value, record["step"])
-            self._board.flush()
+                    writer.add_scalar(board_tag(key), value, record["step"])
+            writer.flush()
+
+    def hparams(
+        self, tags: dict[str, Any], config: dict[str, Any], scores: dict[str, float]
+    ) -> None:
+        """A finished job's hyper-parameters (``config``'s scalar fields, and its tags) beside
+        its final ``scores`` (by TensorBoard tag), in its TensorBoard run (nothing without
+        ``tensorboard``)."""
+        if self._board is None:
+            return
+        values = {**config, **tags}
+        plain = {k: v for k, v in values.items() if isinstance(v, bool | int | float | str)}
+        self._writer(tags).add_hparams(plain, scores, run_name=".")  # into the job's own run
+
+    def figures(self, tags: dict[str, Any], step: int, figures: dict[str, Figure]) -> None:
+        """Images of a job at ``step`` (e.g. its learned U), by tag, in its TensorBoard run."""
+        if self._board is not None:
+            writer = self._writer(tags)
+            for tag, figure in figures.items():
+                writer.add_figure(tag, figure, step)  # closes the figure
+            writer.flush()
 
     def close(self) -> None:
         self._stream.close()
-        if self._board is not None:
-            self._board.close()
+        for writer in self._writers.values():
+            writer.close()
 
     def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SPLITS = ("train", "val", "test")
+
+
+def board_tag(key: str) -> str:
+    """A metrics-record field's TensorBoard tag: ``<split>_<metric>`` becomes
+    ``<split>/<metric>`` (``train_loss`` -> ``train/loss``, ``val_accuracy`` ->
+    ``val/accuracy``), anything else ``run/<key>`` (e.g. ``run/elapsed_s``)."""
+    split, _, metric = key.partition("_")
+    return f"{split}/{metric}" if split in _SPLITS and metric else f"run/{key}"

@@ -56,6 +56,7 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     )  # --device cpu, and auto on a CPU-only machine
     lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and {r["method"] for r in lines} == {"msr"}
+    assert all(0 <= r["val_accuracy"] <= 1 for r in lines)  # a fraction, as evaluate gives it
     saved = torch.load(whole / "model_msr_omniglot_5w1s_s0.pt", weights_only=True)
     assert saved["driver"] == "few_shot" and saved["tags"]["method"] == "msr"
     assert saved["step"] == 4 and saved["preset"] == "tiny"

@@ -147,19 +147,35 @@ def test_cli_rejects_seed_with_seeds_and_repeated_seeds(tmp_path):
 
 
 def test_tensorboard_logs_the_same_numbers_as_the_metrics_file(tmp_path):
+    """One TensorBoard run per job, standard tags carrying metrics.jsonl's numbers, the job's
+    hyper-parameters and its learned U as an image at each evaluation."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "board"
     command = [
         sys.executable, "-m", "experiments.synthetic", "--preset", "tiny", "--methods", "MSR-FC",
-        "--k", "2", "--seed", "5", "--tensorboard", "--out", str(out),
+        "MAML-Conv", "--k", "2", "--seed", "5", "--tensorboard", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    board = EventAccumulator(str(out / "tensorboard"))
+    runs = sorted(str(p.parent.relative_to(out / "tensorboard")) for p in out.rglob("*tfevents*"))
+    assert set(runs) == {"MAML-Conv/k=2/seed=5", "MSR-FC/k=2/seed=5"}
+    board = EventAccumulator(str(out / "tensorboard" / "MSR-FC" / "k=2" / "seed=5"))
     board.Reload()
-    events = board.Scalars("MSR-FC/k=2/seed=5/test_mse")
-    assert [(e.step, e.value) for e in events] == [
-        (r["step"], pytest.approx(r["test_mse"], rel=1e-6)) for r in records
-    ]
+    ours = [r for r in records if r["method"] == "MSR-FC"]
+    for tag, field in (("test/mse", "test_mse"), ("train/loss", "train_loss")):
+        assert [(e.step, e.value) for e in board.Scalars(tag)] == [
+            (r["step"], pytest.approx(r[field], rel=1e-6)) for r in ours
+        ]
+    assert [e.step for e in board.Images("sharing/model")] == [r["step"] for r in ours]
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    start = board.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["method"].string_value == "MSR-FC" and hparams["k"].number_value == 2
+    assert hparams["steps"].number_value == records[-1]["step"]
+    results = json.loads((out / "results.json").read_text())
+    mse = next(r["mse"] for r in results["runs"] if r["method"] == "MSR-FC")
+    [final] = board.Scalars("final/mse")  # the hyper-parameters' metric: the results' MSE
+    assert final.value == pytest.approx(mse, rel=1e-6)
