@@ -1,7 +1,12 @@
 """Table 3 of the MSR paper: few-shot classification on Aug-Omniglot and Aug-MiniImageNet.
 
-    python -m experiments.few_shot --dataset omniglot|miniimagenet --methods METHOD ... \
+    python -m experiments.few_shot --dataset omniglot|miniimagenet|folder --methods METHOD ... \
         [--ways N ...] [--shots K ...] --preset cpu|paper --out DIR [--data PATH] [--resume]
+
+``--dataset folder --data DIR`` trains on your own images: ``DIR/train``, ``DIR/val`` and
+``DIR/test``, each a tree ``<class name>/<image>`` (``msr.data.ImageClasses.from_folder``),
+read as RGB at the preset's image size (mini-ImageNet's presets; ``--set image_size=N``).
+A class name in two splits is refused: the splits' classes must be disjoint.
 
 Methods on the Conv-4 backbone: maml, maml-big (wider, at least as many meta-parameters as
 msr), anil (only the head adapts), protonet, msr (every conv an MSRConv2d with a learned
@@ -54,8 +59,8 @@ from msr.models import conv4
 from msr.symmetry import adapted_image_symmetry, factor_singular_values
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
-DATASETS = ("omniglot", "miniimagenet")
-CHANNELS = {"omniglot": 1, "miniimagenet": 3}
+DATASETS = ("omniglot", "miniimagenet", "folder")
+CHANNELS = {"omniglot": 1, "miniimagenet": 3, "folder": 3}
 DEFAULT_DATA = {
     "omniglot": REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
 }
@@ -115,6 +120,8 @@ def load_splits(
         try:
             if dataset == "omniglot":
                 classes = load_omniglot(data, f"vinyals-{split}", image_size=image_size)
+            elif dataset == "folder":
+                classes = ImageClasses.from_folder(data / split, image_size, mode="RGB")
             else:
                 classes = load_miniimagenet(data, split, image_size=image_size)
         except (OSError, ValueError) as error:
@@ -126,6 +133,14 @@ def load_splits(
                 f"{image_size}x{image_size}"
             )
         splits.append(classes.to(device))
+    names = [set(classes.names) for classes in splits]
+    if dataset == "folder" and (
+        shared := (names[0] & names[1]) | (names[0] & names[2]) | (names[1] & names[2])
+    ):
+        raise RunError(
+            f"{data}: classes in more than one split ({', '.join(sorted(shared)[:5])}): the "
+            "train, val and test classes must be disjoint"
+        )
     return tuple(splits)
 
 
@@ -230,7 +245,10 @@ class FewShot(Experiment):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="the data set")
         parser.add_argument(
-            "--data", type=Path, help="data path (default: the shared Omniglot .npz)"
+            "--data",
+            type=Path,
+            help="data path (default: the shared Omniglot .npz; for folder, the folder that "
+            "holds train/, val/ and test/)",
         )
         parser.add_argument(
             "--methods", "--method", nargs="+", choices=METHODS, required=True, help="the learners"

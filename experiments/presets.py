@@ -188,3 +188,4 @@ FEW_SHOT = {
         "tiny": replace(_TINY_FEW_SHOT, image_size=16),
     },
 }
+FEW_SHOT["folder"] = FEW_SHOT["miniimagenet"]  # your own RGB images: mini-ImageNet's scales

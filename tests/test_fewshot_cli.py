@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -193,3 +194,37 @@ def test_augment_none_leaves_only_the_meta_training_queries_plain():
         assert queries.all() if augment == "none" else not queries.any()
     with pytest.raises(ValueError, match="augment must be one of"):
         replace(cfg, augment="flips")
+
+
+def _image_folders(root, splits):
+    """``root/<split>/<class>/<image>.png``: 6 classes of 4 random 20x20 RGB images per split,
+    named by ``splits``: {split: class name prefix}."""
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for split, prefix in splits.items():
+        for c in range(6):
+            folder = root / split / f"{prefix}{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = generator.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_your_own_image_folders_train_through_the_cli(tmp_path):
+    data = _image_folders(tmp_path / "data", {"train": "a", "val": "b", "test": "c"})
+    out = tmp_path / "run"
+    _run("--dataset", "folder", "--data", data, "--method", "msr", "--preset", "tiny", "--out", out)
+    [run] = json.loads((out / "results.json").read_text())["runs"]
+    assert run["dataset"] == "folder" and run["paper_accuracy"] is None
+    assert 0 <= run["accuracy"] <= 100 and run["test_tasks"] == 4
+    leaky = _image_folders(tmp_path / "leaky", {"train": "a", "val": "a", "test": "c"})
+    done = _run("--dataset", "folder", "--data", leaky, "--method", "msr", "--preset", "tiny",
+                "--out", tmp_path / "leak", check=False)  # fmt: skip
+    assert done.returncode == 2 and "classes in more than one split (a0, a1, a2" in done.stderr
+    (data / "val").rename(data / "validation")
+    done = _run("--dataset", "folder", "--data", data, "--method", "msr", "--preset", "tiny",
+                "--out", tmp_path / "missing", check=False)  # fmt: skip
+    assert done.returncode == 2 and "val split of" in done.stderr
+    assert "has no class folders" in done.stderr
