@@ -265,7 +265,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError as error:
                 raise ImportError(
-                    "--tensorboard needs the tensorboard package: pip install 'msr[experiments]'"
+                    "--tensorboard needs the tensorboard package: "
+                    "pip install 'msr-symmetry[experiments]'"
                 ) from error
             if tensorboard.is_symlink() and not tensorboard.exists():
                 raise RunError(

@@ -207,6 +207,6 @@ def _pyplot():  # the module, imported only when a figure is drawn
     except ImportError as error:
         raise ImportError(
             "msr.viz draws with matplotlib, which msr does not require: "
-            "pip install matplotlib (or msr[experiments])"
+            "pip install matplotlib (or msr-symmetry[experiments])"
         ) from error
     return plt

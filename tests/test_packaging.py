@@ -10,11 +10,13 @@ from conftest import REPO_ROOT
 
 import msr
 
+DISTRIBUTION = "msr-symmetry"  # "msr" on PyPI is another project (README)
+
 
 def _requirements() -> dict[str | None, set[str]]:
     """{extra (None for the core): names of the required distributions}."""
     grouped: dict[str | None, set[str]] = {}
-    for line in importlib.metadata.requires("msr"):
+    for line in importlib.metadata.requires(DISTRIBUTION):
         name = re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower()
         extra = re.search(r'extra == "([^"]+)"', line)
         grouped.setdefault(extra.group(1) if extra else None, set()).add(name)
@@ -24,7 +26,7 @@ def _requirements() -> dict[str | None, set[str]]:
 def test_install_keeps_the_users_torch_and_asks_only_for_what_msr_imports():
     requirements = _requirements()
     assert requirements[None] == {"torch", "numpy", "pillow"}
-    torch_line = next(r for r in importlib.metadata.requires("msr") if r.startswith("torch"))
+    torch_line = next(r for r in importlib.metadata.requires(DISTRIBUTION) if r.startswith("torch"))
     assert "==" not in torch_line and "<3" in torch_line and ">=2.11" in torch_line
     assert {"scipy", "matplotlib", "tqdm"} <= requirements["experiments"]
     assert {"higher", "pytest"} <= requirements["test"]
@@ -47,7 +49,7 @@ def test_the_library_imports_without_the_experiment_dependencies():
 
 
 def test_one_version_and_type_information():
-    assert importlib.metadata.version("msr") == msr.__version__
+    assert importlib.metadata.version(DISTRIBUTION) == msr.__version__
     assert (Path(msr.__file__).parent / "py.typed").is_file()
     assert "version = attr: msr.__version__" in (REPO_ROOT / "setup.cfg").read_text()
 
@@ -68,7 +70,7 @@ def test_the_readme_quick_start_runs(tmp_path):
 
 
 def test_the_licence_and_citation_match_the_metadata():
-    metadata = importlib.metadata.metadata("msr")
+    metadata = importlib.metadata.metadata(DISTRIBUTION)
     assert metadata["License"] == "MIT"
     assert (REPO_ROOT / "LICENSE").read_text().startswith("MIT License")
     citation = (REPO_ROOT / "CITATION.cff").read_text()
