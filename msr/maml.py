@@ -27,9 +27,6 @@ from msr.layers import SymmetryLayer
 # An inner step of your own: (fast parameters, their support-loss gradients, step) -> new ones.
 InnerUpdate = Callable[[dict[str, Tensor], Mapping[str, Tensor], int], Mapping[str, Tensor]]
 
-# An inner step of your own: (fast parameters, their support-loss gradients, step) -> new ones.
-InnerUpdate = Callable[[dict[str, Tensor], Mapping[str, Tensor], int], Mapping[str, Tensor]]
-
 
 def partition_parameters(model: nn.Module) -> tuple[list[str], list[str]]:
     """Split a model's trainable parameter names into (meta, fast).
