@@ -442,9 +442,8 @@ class FewShot(Experiment):
             "",
             "The adapted networks on held-out test episodes (#27): per transform the logits'"
             " invariance error (predictions kept); the ends of the support-loss Hessian's"
-            " spectrum in the fast parameters, plain and lr-scaled (one step is stable below 2;"
-            " not defined where a learned inner lr is <= 0) and support loss before -> after"
-            " one step:",
+            " spectrum in the fast parameters, plain and lr-scaled (one step is stable below 2)"
+            " and support loss before -> after one step:",
             "",
         ]
         lines += [_analysis_line(r) for r in results["runs"] if r.get("analysis")]
