@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -183,6 +186,13 @@ def parse(
         cfg = with_settings(cfg, args.set or [])
     except ValueError as error:
         parser.error(str(error))
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.meta_batch % ranks:
+        parser.error(
+            f"a meta-batch of {cfg.meta_batch} tasks does not split evenly over {ranks} torchrun "
+            "ranks (uneven shards would weight tasks unequally): choose --nproc-per-node to "
+            "divide it, or --set meta_batch=N"
+        )
     return args, cfg, setup_distributed(args, device)
 
 
@@ -259,7 +269,10 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the device
     this process trains on: on CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl, on the CPU gloo.
 
-    Ranks other than 0 write their files under ``args.out/rank<r>`` and show no progress bar.
+    Only rank 0 writes ``--out`` (and ``--tensorboard``) and shows a progress bar. The other
+    ranks keep their files in a private temporary folder, removed when they end; with
+    ``--resume`` rank 0 first sends them its run's files (``share_run_files``), so that every
+    rank continues from the same checkpoint, on one machine or several.
     """
     if not launched_by_torchrun():
         return device
@@ -271,8 +284,28 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
         dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank:
-        args.out = args.out / f"rank{rank}"
+        args.out = Path(tempfile.mkdtemp(prefix=f"msr-rank{rank}-"))
+        atexit.register(shutil.rmtree, args.out, ignore_errors=True)
+        args.tensorboard = None
     return device
+
+
+# The files of a run that a resumed rank needs: what ``engine.run_jobs`` reads on --resume.
+RESUMED_FILES = ("results.json", "metrics.jsonl", "model_*.pt")
+
+
+def share_run_files(out: Path) -> None:
+    """Under torchrun with ``--resume``: rank 0 sends the files of its run in ``out`` that a
+    resume reads (``RESUMED_FILES``) to every other rank, which writes them into its own
+    ``out`` (its private folder). Every rank must call it, rank 0 holding ``out``'s lock."""
+    files: list[dict[str, bytes] | None] = [None]
+    if dist.get_rank() == 0:
+        names = sorted({p.name for pattern in RESUMED_FILES for p in out.glob(pattern)})
+        files = [{name: (out / name).read_bytes() for name in names}]
+    dist.broadcast_object_list(files, src=0)
+    if dist.get_rank():
+        for name, contents in files[0].items():  # type: ignore[union-attr]
+            (out / name).write_bytes(contents)
 
 
 def reuse_freed_memory() -> bool:
@@ -351,12 +384,22 @@ def deferred_stops() -> Iterator[None]:
         _stop_signal = 0
 
 
-def stop_signal() -> int:
-    """The signal that asked the run to stop, 0 if none did (see ``deferred_stops``)."""
-    return _stop_signal
+def stop_signal(device: torch.device | None = None) -> int:
+    """The signal that asked the run to stop, 0 if none did (see ``deferred_stops``).
+
+    With ``device`` and under torchrun the ranks agree on it (the largest signal any of them
+    has seen, one all-reduce on ``device``), so every rank must ask at the same point: a rank
+    that stopped alone would leave the others waiting in their next collective until it
+    fails, and a signal often reaches one rank alone, or the ranks a step apart."""
+    if device is None or not (dist.is_available() and dist.is_initialized()):
+        return _stop_signal
+    seen = torch.tensor([_stop_signal], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return int(seen.item())
 
 
-def raise_if_stopped() -> None:
-    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop."""
-    if _stop_signal:
-        raise Stopped(_stop_signal)
+def raise_if_stopped(device: torch.device | None = None) -> None:
+    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop (on any rank, with
+    ``device``: see ``stop_signal``)."""
+    if signum := stop_signal(device):
+        raise Stopped(signum)

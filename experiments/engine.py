@@ -41,6 +41,7 @@ from experiments.cli import (
     parse,
     raise_if_stopped,
     reuse_freed_memory,
+    share_run_files,
     stop_signal,
 )
 from experiments.presets import RunConfig
@@ -58,7 +59,12 @@ from experiments.runfiles import (
     write_results,
 )
 from msr import MAML, EpisodicLearner, SymmetryLayer, TaskBatch, partition_parameters
-from msr.distributed import average_gradients, shard_tasks
+from msr.distributed import (
+    average_gradients,
+    rank_and_world_size,
+    shard_tasks,
+    sharded_evaluate,
+)
 from msr.episodic import NonFiniteLossError as LearnerLossError
 from msr.saving import architecture
 from msr.streams import keyed_generator
@@ -180,10 +186,15 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
     args, cfg, device = parse(experiment, argv)
     reuse_freed_memory()
     experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
-    with claim_output(args.out, args.resume, args.overwrite):
+    rank, world_size = rank_and_world_size()
+    with claim_output(args.out, args.resume, args.overwrite):  # rank > 0: a private folder
+        if world_size > 1 and args.resume:
+            share_run_files(args.out)
         results = run_jobs(experiment, args, cfg, device)
         lines = experiment.report(results, args)
         write_results(args.out / "results.json", results)
+    if rank:
+        return results  # rank 0 reports
     devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
     print(
         f"\nMeta-test {experiment.metric_label} ± 95% CI over {cfg.test_tasks} held-out tasks "
@@ -259,7 +270,7 @@ def run_jobs(
         initial=sum(map(steps_of, jobs)) - sum(map(steps_of, todo)),
         desc=experiment.name,
         unit="step",
-        disable=dist.is_initialized() and dist.get_rank() > 0,
+        disable=rank_and_world_size()[0] > 0,
     ) as bar:
         run = functools.partial(run_job, experiment, cfg=cfg, args=args, device=device)
         if args.workers > 1:
@@ -502,9 +513,10 @@ def outer_steps(
     ``kept``. Under ``torch.distributed`` every rank draws the same meta-batch and trains on its
     own shard of it, the gradients are averaged, and the ranks stop at the same step.
     """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world_size()
+    device = next(learner.parameters()).device
     for step in steps:
-        if signum := (_agreed_stop(learner) if world_size > 1 else stop_signal()):
+        if signum := stop_signal(device):  # agreed between ranks
             if on_stop is not None:
                 on_stop(step - 1)
             raise Stopped(signum)
@@ -516,7 +528,11 @@ def outer_steps(
             losses = learner.meta_backward(tasks)
         except LearnerLossError as error:  # the library's, naming the tasks: named by step here
             losses = error.losses
-        loss = losses.mean().item()
+        mean = losses.detach().mean()
+        if world_size > 1:  # the whole meta-batch's loss, on every rank (so all stop on NaN)
+            dist.all_reduce(mean)
+            mean /= world_size
+        loss = mean.item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss {loss} at step {step} ({what}); {kept}"
@@ -528,16 +544,6 @@ def outer_steps(
                 group["lr"] = learning_rate(step) * group.get("lr_scale", 1.0)
         optimizer.step()
         yield step, loss
-
-
-def _agreed_stop(learner: EpisodicLearner) -> int:
-    """Under torchrun, the stop every rank takes at this step: a rank that stopped alone would
-    leave the others waiting in the next all-reduce until it fails. The ranks agree on the stop
-    (the largest signal number any of them has seen) before each step; often one rank gets it
-    alone (a signal sent to one process) or a step later than the others."""
-    seen = torch.tensor([stop_signal()], device=next(learner.parameters()).device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-    return int(seen.item())
 
 
 def sweep_inner_lr(
@@ -568,7 +574,7 @@ def sweep_inner_lr(
 
         try:
             fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
-            score = plan.learner.evaluate(scored)["loss"].mean().item()
+            score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
         except NonFiniteLossError:
             score = math.nan
             advance(steps - completed)  # the progress bar counts the steps it skips

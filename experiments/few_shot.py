@@ -55,6 +55,7 @@ from msr.data import (
     load_omniglot,
     sample_episodes,
 )
+from msr.distributed import sharded_evaluate, sharded_map
 from msr.models import conv4
 from msr.symmetry import adapted_image_symmetry, factor_singular_values
 
@@ -219,10 +220,11 @@ def analyze(
 
 
 def _mean_ends(learner: MAML, tasks: TaskBatch, scaled: bool) -> dict[str, float]:
-    """``MAML.inner_curvature``'s two ends, averaged over the tasks."""
-    ends = [
-        learner.inner_curvature(*tasks.task(i)[:2], scaled=scaled) for i in range(tasks.num_tasks)
-    ]
+    """``MAML.inner_curvature``'s two ends, averaged over the tasks (split over torchrun's
+    ranks)."""
+    ends = sharded_map(
+        lambda i: learner.inner_curvature(*tasks.task(i)[:2], scaled=scaled), tasks.num_tasks
+    )
     return {
         "smallest": sum(e[0] for e in ends) / len(ends),
         "largest": sum(e[1] for e in ends) / len(ends),
@@ -343,14 +345,17 @@ class FewShot(Experiment):
         ) -> torch.Tensor:
             """Per-task query accuracy (%) over ``count`` episodes (the same ones for every
             method and step count of a seed), adapting for ``inner_steps`` (default: the
-            training's), in chunks to bound memory."""
+            training's), in chunks to bound memory; under torchrun each chunk's episodes are
+            split over the ranks."""
             generator, scores = torch.Generator(device=device).manual_seed(tags["seed"]), []
             chunk = cfg.eval_chunk
             steps = {} if inner_steps is None else {"inner_steps": inner_steps}
             for start in range(0, count, chunk):
-                raise_if_stopped()
+                raise_if_stopped(device)  # every rank at the same chunk
                 tasks = episodes(classes, min(chunk, count - start), generator)
-                metrics = learner.evaluate(tasks, {"accuracy": accuracy}, chunk_size=chunk, **steps)
+                metrics = sharded_evaluate(
+                    learner, tasks, {"accuracy": accuracy}, chunk_size=chunk, **steps
+                )
                 scores.append(metrics["accuracy"])
             return 100.0 * torch.cat(scores)
 

@@ -42,6 +42,7 @@ from experiments.engine import (
 )
 from experiments.presets import ROTATION, RotationConfig
 from msr import MSRConv2d, viz
+from msr.distributed import sharded_evaluate
 from msr.symmetry import adapted_group_equivariance_error
 from synthetic.rotation2d import ExactGrid2D, LiftingConvTasks, Steerable2D
 
@@ -174,7 +175,7 @@ class Rotation(Experiment):
         maml = build_maml(build_model(method, data), cfg)
 
         def probe() -> dict[str, float]:
-            mse, ci95 = mean_ci95(maml.evaluate(test)["loss"])
+            mse, ci95 = mean_ci95(sharded_evaluate(maml, test)["loss"])
             return {"test_mse": mse, "test_ci95": ci95}
 
         def result() -> dict[str, Any]:

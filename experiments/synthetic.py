@@ -25,6 +25,7 @@ from experiments.cli import run_cli
 from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95, tables_per_seed
 from experiments.presets import SYNTHETIC, RunConfig
 from msr import MSRLinear, bases, viz
+from msr.distributed import sharded_evaluate
 from msr.symmetry import (
     adapted_translation_equivariance_error,
     orthonormal_basis,
@@ -100,7 +101,7 @@ class Synthetic(Experiment):
         maml = build_maml(build_model(method, k, data).to(device), cfg)
 
         def probe() -> dict[str, float]:
-            mse, ci95 = mean_ci95(maml.evaluate(test)["loss"])
+            mse, ci95 = mean_ci95(sharded_evaluate(maml, test)["loss"])
             return {"test_mse": mse, "test_ci95": ci95}
 
         def result() -> dict[str, Any]:
