@@ -222,7 +222,7 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
     assert not list(private.glob("msr-rank*"))
 
 
-def test_a_meta_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path, monkeypatch):
+def test_a_meta_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path, monkeypatch, capsys):
     from experiments import rotation
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before joining a group
@@ -230,3 +230,6 @@ def test_a_meta_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path, m
     with pytest.raises(SystemExit) as stop:
         rotation.main(["--preset", "tiny", "--out", str(out)])
     assert stop.value.code == 2 and not out.exists()
+    assert "a meta-batch of 3 tasks does not split evenly over 2 torchrun ranks" in (
+        capsys.readouterr().err
+    )
