@@ -222,14 +222,21 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
     assert not list(private.glob("msr-rank*"))
 
 
-def test_a_meta_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ([], "a meta-batch of 3 tasks does not split evenly over 2 torchrun ranks"),
+        (["--set", "meta_batch=4", "--workers", "2"], "--workers > 1 cannot be combined with"),
+    ],
+)
+def test_what_torchrun_cannot_run_is_one_line_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, options, message
+):
     from experiments import rotation
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before joining a group
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
-        rotation.main(["--preset", "tiny", "--out", str(out)])
+        rotation.main(["--preset", "tiny", "--out", str(out), *options])
     assert stop.value.code == 2 and not out.exists()
-    assert "a meta-batch of 3 tasks does not split evenly over 2 torchrun ranks" in (
-        capsys.readouterr().err
-    )
+    assert message in capsys.readouterr().err
