@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from experiments.rundir import RunError, WriteFailedError
+from experiments.rundir import RunError, WriteFailedError, run_outputs
 
 if TYPE_CHECKING:
     from experiments.engine import Experiment
@@ -186,8 +186,7 @@ def parse(
         cfg = with_settings(cfg, args.set or [])
     except ValueError as error:
         parser.error(str(error))
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.meta_batch % ranks:
+    if cfg.meta_batch % (ranks := torchrun_ranks()):
         parser.error(
             f"a meta-batch of {cfg.meta_batch} tasks does not split evenly over {ranks} torchrun "
             "ranks (uneven shards would weight tasks unequally): choose --nproc-per-node to "
@@ -230,9 +229,14 @@ def _typed_like(default: Any, text: str, name: str) -> Any:
         ) from None
 
 
+def torchrun_ranks() -> int:
+    """How many ranks ``torchrun`` started (its WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several ranks started by ``torchrun`` (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return torchrun_ranks() > 1
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -290,18 +294,15 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
     return device
 
 
-# The files of a run that a resumed rank needs: what ``engine.run_jobs`` reads on --resume.
-RESUMED_FILES = ("results.json", "metrics.jsonl", "model_*.pt")
-
-
 def share_run_files(out: Path) -> None:
-    """Under torchrun with ``--resume``: rank 0 sends the files of its run in ``out`` that a
-    resume reads (``RESUMED_FILES``) to every other rank, which writes them into its own
-    ``out`` (its private folder). Every rank must call it, rank 0 holding ``out``'s lock."""
+    """Under torchrun with ``--resume``: rank 0 sends the files of its run in ``out``
+    (``rundir.run_outputs``: results.json, metrics.jsonl, the model files, figures) to every
+    other rank, which writes them into its own ``out`` (its private folder). Every rank must
+    call it, rank 0 holding ``out``'s lock."""
     files: list[dict[str, bytes] | None] = [None]
     if dist.get_rank() == 0:
-        names = sorted({p.name for pattern in RESUMED_FILES for p in out.glob(pattern)})
-        files = [{name: (out / name).read_bytes() for name in names}]
+        paths = [out / name for name in run_outputs(out)]
+        files = [{p.name: p.read_bytes() for p in paths if p.is_file()}]
     dist.broadcast_object_list(files, src=0)
     if dist.get_rank():
         for name, contents in files[0].items():  # type: ignore[union-attr]

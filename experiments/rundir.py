@@ -63,7 +63,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         raise RunError(f"cannot create --out {out}: {error.strerror}") from None
     lock = _take_lock(out / LOCK_NAME)
     try:
-        earlier = _run_outputs(out)
+        earlier = run_outputs(out)
         if earlier and not (resume or overwrite):
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise RunError(
@@ -82,7 +82,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         _release_lock(lock)
 
 
-def _run_outputs(out: Path) -> list[str]:
+def run_outputs(out: Path) -> list[str]:
     """The names in ``out`` that a run writes (``RUN_OUTPUTS``), links to nowhere included."""
     try:
         names = os.listdir(out)

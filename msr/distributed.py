@@ -31,7 +31,12 @@ def shard_tasks(tasks: TaskBatch, rank: int, world_size: int) -> TaskBatch:
             f"{tasks.num_tasks} tasks do not split evenly over {world_size} ranks; "
             "uneven shards would weight tasks unequally"
         )
-    return TaskBatch(*(t[rank::world_size] for t in tasks))
+    return _every_nth(tasks, rank, world_size)
+
+
+def _every_nth(tasks: TaskBatch, first: int, step: int) -> TaskBatch:
+    """Tasks first, first + step, ... of ``tasks``."""
+    return TaskBatch(*(t[first::step] for t in tasks))
 
 
 def average_gradients(module: nn.Module) -> None:
@@ -78,9 +83,7 @@ def sharded_evaluate(
     dtype = next(learner.parameters()).dtype
     mine = torch.full((len(names), shares[0]), torch.nan, dtype=dtype, device=tasks.x_query.device)
     if shares[rank]:
-        scores = learner.evaluate(
-            TaskBatch(*(t[rank::world_size] for t in tasks)), metrics, **options
-        )
+        scores = learner.evaluate(_every_nth(tasks, rank, world_size), metrics, **options)
         mine[:, : shares[rank]] = torch.stack([scores[name].to(dtype) for name in names])
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine)

@@ -206,8 +206,10 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
         time.sleep(0.01)
     rank1 = _rank_pid(launcher.pid, 1)
     assert rank1 is not None
+    signal_sent = time.monotonic()
     os.kill(rank1, signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
+    assert time.monotonic() - signal_sent < 30
     assert err.count("stopped by SIGTERM") == 2, err  # rank 0 too, though it got no signal
     assert "gloo" not in err and "Connection closed" not in err, err
     assert json.loads((stopped / "results.json").read_text())["runs"] == []
