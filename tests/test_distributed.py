@@ -47,6 +47,7 @@ def _worker(rank: int, world_size: int, init_file: str, results) -> None:
         scores = sharded_evaluate(learner, _first(tasks, count), extra, inner_steps=3)
         results[rank, count] = {k: v.clone() for k, v in scores.items()}
     results[rank, "map"] = sharded_map(lambda index: (index, rank), 5)
+    dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     dist.destroy_process_group()
 
 
