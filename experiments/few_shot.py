@@ -367,7 +367,8 @@ class FewShot(Experiment):
                     for k in sorted(cfg.test_inner_steps)
                 }
                 inner_steps = int(max(curve, key=lambda k: (curve[k], -int(k))))
-            mean, ci95 = mean_ci95(score(test, cfg.test_tasks, inner_steps))
+            per_episode = score(test, cfg.test_tasks, inner_steps)
+            mean, ci95 = mean_ci95(per_episode)
             held_out = episodes(
                 test, cfg.analysis_tasks, torch.Generator(device=device).manual_seed(tags["seed"])
             )
@@ -379,6 +380,8 @@ class FewShot(Experiment):
                 "accuracy": mean,
                 "ci95": ci95,
                 "test_tasks": cfg.test_tasks,
+                # the same episodes for every method of a seed: paired comparisons need them
+                "test_accuracy_by_episode": [round(a, 4) for a in per_episode.tolist()],
                 "train_inner_steps": None if curve is None else cfg.inner_steps,
                 "test_inner_steps": inner_steps,
                 "val_accuracy_by_inner_steps": curve,

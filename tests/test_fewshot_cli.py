@@ -52,6 +52,9 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     assert run_a["accuracy"] == run_b["accuracy"] and run_a["ci95"] == run_b["ci95"]
     assert run_a["paper_accuracy"] == 95.3 and run_a["chance"] == 20.0 and run_a["steps"] == 4
     assert run_a["test_tasks"] == 4 and a["torch_version"] == torch.__version__
+    episodes = run_a["test_accuracy_by_episode"]  # what a paired test across methods needs
+    assert len(episodes) == 4 and np.mean(episodes) == pytest.approx(run_a["accuracy"], abs=1e-3)
+    assert episodes == run_b["test_accuracy_by_episode"]
     assert (
         run_a["device"] == run_b["device"] == "cpu"
     )  # --device cpu, and auto on a CPU-only machine
