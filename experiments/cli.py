@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import datetime
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from experiments.rundir import RunError, WriteFailedError, run_outputs
+from experiments.rundir import RunError, RunFailedError, run_outputs
 
 if TYPE_CHECKING:
     from experiments.engine import Experiment
@@ -280,18 +281,50 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
     """
     if not launched_by_torchrun():
         return device
+    timeout = datetime.timedelta(seconds=collective_timeout())
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     rank = dist.get_rank()
     if rank:
-        args.out = Path(tempfile.mkdtemp(prefix=f"msr-rank{rank}-"))
+        remove_stale_rank_folders()
+        args.out = Path(tempfile.mkdtemp(prefix=f"{RANK_FOLDER_PREFIX}{rank}-pid{os.getpid()}-"))
         atexit.register(shutil.rmtree, args.out, ignore_errors=True)
         args.tensorboard = None
     return device
+
+
+RANK_FOLDER_PREFIX = "msr-rank"  # $TMPDIR/msr-rank<r>-pid<pid>-*: a rank > 0's private --out
+COLLECTIVE_TIMEOUT_S = 120.0
+
+
+def collective_timeout() -> float:
+    """Seconds a torchrun collective waits for the other ranks before the run ends with one
+    line (a rank killed, stopped or stuck): ``$MSR_COLLECTIVE_TIMEOUT_S``, default 120."""
+    text = os.environ.get("MSR_COLLECTIVE_TIMEOUT_S", str(COLLECTIVE_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RunError(f"MSR_COLLECTIVE_TIMEOUT_S must be a positive number of seconds, got {text}")
+    return seconds
+
+
+def remove_stale_rank_folders() -> None:
+    """Remove the private folders of ranks that ended without cleaning up (killed): those of
+    this user whose process is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{RANK_FOLDER_PREFIX}*-pid*-*"):
+        pid = folder.name.split("-pid", 1)[1].split("-", 1)[0]
+        try:
+            owned = folder.is_dir() and folder.lstat().st_uid == os.getuid()
+            if owned and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def share_run_files(out: Path) -> None:
@@ -326,6 +359,15 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def _collective_failure(error: RuntimeError) -> bool:
+    """Whether ``error`` is a torch.distributed collective that failed (a peer gone, or the
+    ``COLLECTIVE_TIMEOUT`` passed): torch raises DistError for nccl, a plain RuntimeError
+    from gloo's transport for gloo."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
 class Stopped(BaseException):
     """SIGINT or SIGTERM asked the run to stop (raised by ``raise_if_stopped`` at a safe point)."""
 
@@ -338,13 +380,28 @@ _stop_signal = 0  # the signal that asked the run to stop (0: none), until it st
 
 
 def run_cli(main: Callable[[], Any], prog: str) -> None:
-    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a failed
-    write); SIGINT / SIGTERM -> a message, status 130 / 143."""
+    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a
+    ``RunFailedError``, a non-finite loss, or a rank lost under torchrun); SIGINT / SIGTERM
+    -> a message, status 130 / 143."""
     try:
         with deferred_stops():
             main()
-    except WriteFailedError as error:
+    except RunFailedError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except FloatingPointError as error:  # a non-finite loss: the engine's, or the library's
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as error:
+        if not _collective_failure(error):
+            raise
+        reason = str(error).splitlines()[0].split("] ")[-1][:160]
+        print(
+            f"{prog}: error: rank {dist.get_rank()} lost contact with another rank ({reason}): "
+            "a rank was killed, stopped or is stuck; the finished jobs and the last checkpoint "
+            "are kept: run the same command with --resume to continue",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except RunError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)

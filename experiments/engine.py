@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ from experiments.cli import (
     stop_signal,
 )
 from experiments.presets import RunConfig
-from experiments.rundir import RunError, claim_output
+from experiments.rundir import RunError, RunFailedError, claim_output, run_outputs
 from experiments.runfiles import (
     MetricsLog,
     differences,
@@ -54,6 +55,7 @@ from experiments.runfiles import (
     load_model,
     provenance,
     read_results,
+    recorded_outputs,
     save_checked,
     save_figure,
     write_results,
@@ -75,7 +77,7 @@ if TYPE_CHECKING:
 Tags = dict[str, Any]  # what names a job, e.g. {"method": "MSR-FC", "k": 1, "seed": 0}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite (the run, or a sweep candidate, diverged)."""
 
 
@@ -120,6 +122,11 @@ class Experiment:
 
     def check(self, args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> None:
         """Check the inputs (e.g. load the data) before ``--out`` is touched (``RunError``)."""
+
+    def data_identity(self, args: argparse.Namespace) -> dict[str, str] | None:
+        """The data the run reads, as {"path", "sha256"} (``msr.data.fingerprint``): recorded
+        in results.json and checked on ``--resume``; None for data drawn from the seed."""
+        return None
 
     def jobs(self, args: argparse.Namespace) -> list[Tags]:
         """The tags of every job the command line asks for, without the seed."""
@@ -187,12 +194,13 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
     reuse_freed_memory()
     experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
     rank, world_size = rank_and_world_size()
-    with claim_output(args.out, args.resume, args.overwrite):  # rank > 0: a private folder
+    recorded = functools.partial(recorded_outputs, args.out, legacy_ok=args.resume)
+    with claim_output(args.out, args.resume, args.overwrite, recorded):  # rank > 0: private
         if world_size > 1 and args.resume:
             share_run_files(args.out)
         results = run_jobs(experiment, args, cfg, device)
         lines = experiment.report(results, args)
-        write_results(args.out / "results.json", results)
+        _write_results(args.out, results)
     if rank:
         return results  # rank 0 reports
     devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
@@ -224,9 +232,16 @@ def run_jobs(
     results: dict[str, Any] = {
         **provenance(args.seeds, args.preset),
         "config": asdict(cfg),
+        "data": experiment.data_identity(args),
         "runs": [],
         "aggregate": [],
         "wall_s": 0.0,
+        # the files this run writes, and only those, are what --overwrite removes
+        "outputs": sorted(
+            {"results.json", "metrics.jsonl", *(["tensorboard"] if args.tensorboard else [])}
+            | {_model_path(args.out, experiment, tags).name for tags in jobs}
+            | {experiment.figure_path(args.out, tags).name for tags in jobs}
+        ),
     }
 
     def key(record: Mapping[str, Any]) -> tuple:
@@ -234,6 +249,7 @@ def run_jobs(
 
     if args.resume:
         results.update(_resumable(results_path, results, cfg))
+        results["outputs"] = sorted({*results["outputs"], *recorded_outputs(args.out, True)})
         finished = {key(run) for run in results["runs"]}
         reached = {  # how far each unfinished job's checkpoint got
             key(tags): load_checked(path)["step"]
@@ -249,7 +265,7 @@ def run_jobs(
         )
     else:
         metrics_path.unlink(missing_ok=True)
-    write_results(results_path, results)  # a stop from here on can --resume
+    _write_results(args.out, results)  # a stop from here on can --resume
     order = {key(tags): i for i, tags in enumerate(jobs)}
     prior_wall, start = results["wall_s"], time.perf_counter()
 
@@ -258,7 +274,7 @@ def run_jobs(
         results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
         results["aggregate"] = aggregate_seeds(results["runs"], keys, experiment.metric)
         results["wall_s"] = prior_wall + time.perf_counter() - start
-        write_results(results_path, results)
+        _write_results(args.out, results)
 
     def steps_of(tags: Tags) -> int:
         return cfg.steps + experiment.tuning_steps(tags, cfg)
@@ -283,6 +299,13 @@ def run_jobs(
     return results
 
 
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json, its ``outputs`` grown by the run files now in ``out`` (e.g. a report's
+    figures): what a run writes in ``out`` while it holds the lock is its own."""
+    results["outputs"] = sorted({*results["outputs"], *run_outputs(out)})
+    write_results(out / "results.json", results)
+
+
 def _resumable(path: Path, ours: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     """The runs and wall time to keep from ``path``, checked to be this run's (its provenance
     and config; only ``steps`` may grow), a missing, corrupt or foreign file being a
@@ -292,11 +315,19 @@ def _resumable(path: Path, ours: dict[str, Any], cfg: RunConfig) -> dict[str, An
     previous = read_results(path)
     if not isinstance(previous.get("runs"), list):
         raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
-    theirs = {k: previous.get(k) for k in ours if k not in ("runs", "aggregate", "wall_s")}
+    mutable = ("runs", "aggregate", "wall_s", "outputs", "data")
+    theirs = {k: previous.get(k) for k in ours if k not in mutable}
     if isinstance(theirs.get("config"), dict):
         theirs["config"] = {**theirs["config"], "steps": cfg.steps}
     if different := differences(theirs, {k: ours[k] for k in theirs}):
         raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
+    data, trained_on = ours["data"], previous.get("data")
+    if (data and data["sha256"]) != (trained_on and trained_on.get("sha256")):
+        where = trained_on.get("path") if isinstance(trained_on, dict) else "unrecorded data"
+        raise RunError(
+            f"{path} trained on other data ({where}) than this run reads "
+            f"({data['path'] if data else 'data drawn from the seed'}): resume with that data"
+        )
     for run in previous["runs"]:
         if run["steps"] > cfg.steps:
             raise RunError(
@@ -407,9 +438,12 @@ def fit(
 
     if state is None:
         save(0)  # a job stopped before its first checkpoint resumes from here
-    elif state["unvalidated"] is not None and log is not None:
-        probe(state["step"], state["unvalidated"])
-        save(state["step"])
+    elif log is not None:
+        owed = state["unvalidated"] is not None  # the step's probe was cut off: redo it
+        log.continue_from(tags, state["step"] + (not owed))
+        if owed:
+            probe(state["step"], state["unvalidated"])
+            save(state["step"])
     advance(first - 1)
     floor = cfg.outer_lr * cfg.final_lr_fraction
     for step, train_loss in outer_steps(
@@ -575,7 +609,7 @@ def sweep_inner_lr(
         try:
             fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
             score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
-        except NonFiniteLossError:
+        except (NonFiniteLossError, LearnerLossError):  # in training, or in scoring
             score = math.nan
             advance(steps - completed)  # the progress bar counts the steps it skips
         scores[str(lr)] = score if math.isfinite(score) else None
@@ -677,6 +711,11 @@ def _run_in_processes(
             process.terminate()
         raise
     pool.shutdown()
+    if isinstance(failure, BrokenProcessPool):
+        raise RunFailedError(
+            "a worker process died (killed, or out of memory); the finished jobs and the last "
+            "checkpoint of the others are kept: run the same command with --resume to continue"
+        ) from None
     if failure is not None:
         raise failure
 

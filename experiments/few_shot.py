@@ -51,6 +51,7 @@ from msr.data import (
     ImageClasses,
     augment_images,
     check_episodes,
+    fingerprint,
     load_miniimagenet,
     load_omniglot,
     sample_episodes,
@@ -308,6 +309,12 @@ class FewShot(Experiment):
                         check_episodes(classes, ways, shots, cfg.queries)
                     except ValueError as error:
                         raise RunError(f"{name} split of {args.data}: {error}") from None
+
+    def data_identity(self, args: argparse.Namespace) -> dict[str, str]:
+        data = Path(args.data)
+        lists = data.parent / "splits" / "vinyals"  # the Omniglot .npz's class lists
+        extra = [lists / f"{s}.txt" for s in ("train", "val", "test")] if data.is_file() else []
+        return {"path": str(data.resolve()), "sha256": fingerprint(data, *extra)}
 
     def _splits(
         self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device

@@ -36,10 +36,13 @@ class RunConfig:
         """Every count positive, every rate positive and finite; one line naming the field."""
         for field in fields(self):
             value = getattr(self, field.name)
+            if field.type not in ("int", "float"):
+                continue  # flags, names and grids: checked where they are used, or below
+            kind = int if field.type == "int" else int | float  # a bool is no number here
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{field.name} must be {field.type}, got {value!r}")
             if field.name in NON_NEGATIVE:
                 good = value >= 0 and math.isfinite(value)
-            elif isinstance(value, bool | str | tuple):
-                continue  # checked where they are used, or by the subclass
             else:
                 good = value > 0 and math.isfinite(value)
             if not good:

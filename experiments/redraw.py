@@ -19,7 +19,7 @@ import torch
 
 from experiments import few_shot, rotation, synthetic
 from experiments.cli import run_cli
-from experiments.rundir import RunError
+from experiments.rundir import RunError, busy_holder
 from experiments.runfiles import load_model, read_results, save_figure
 
 EXPERIMENTS = {e.name: e for e in (synthetic.EXPERIMENT, rotation.EXPERIMENT, few_shot.EXPERIMENT)}
@@ -28,20 +28,23 @@ EXPERIMENTS = {e.name: e for e in (synthetic.EXPERIMENT, rotation.EXPERIMENT, fe
 def redraw_run(out: Path) -> list[Path]:
     """Redraw every model file's figure in ``out``; returns the figures written."""
     results = out / "results.json"
+    if holder := busy_holder(out):
+        raise RunError(f"{out} is in use by process {holder}: redraw once that run has ended")
     if not results.is_file():
         raise RunError(f"{results} not found: is {out} a finished run?")
     runs = read_results(results).get("runs", [])
     models = sorted(out.glob("model_*.pt"))
     if not models:
         raise RunError(f"{out} holds no model_*.pt files to redraw from")
-    written = []
+    written, training = [], []
     for path in models:
         saved = load_model(path)
         experiment = EXPERIMENTS.get(saved["driver"])
         if experiment is None:
             raise RunError(f"{path}: unknown driver {saved['driver']!r}")
         if saved["step"] < saved["config"]["steps"]:
-            continue  # a job still training
+            training.append(path.name)  # a job still to finish (--resume)
+            continue
         tags = saved["tags"]
         entry = next((r for r in runs if all(r.get(k) == v for k, v in tags.items())), None)
         if entry is None:
@@ -51,6 +54,11 @@ def redraw_run(out: Path) -> list[Path]:
         plan.learner.load_state_dict(saved["state_dict"])
         if plan.draw is not None and (figure := plan.draw(entry)) is not None:
             written.append(save_figure(figure, experiment.figure_path(out, tags)))
+    if training and not written:
+        raise RunError(
+            f"{out}: no job has finished training ({', '.join(training[:3])} "
+            f"{'is' if len(training) == 1 else 'are'} not done), so there is nothing to redraw"
+        )
     return written
 
 

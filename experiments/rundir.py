@@ -5,8 +5,8 @@
   continue it, ``--overwrite`` to replace it), and two runs never share a directory (an
   ``flock``-ed lock file naming its holder; a lock left by a dead process is taken over).
 - ``RunError``: a problem the user can fix (a bad path, a corrupt or foreign file, a busy
-  directory), shown by ``experiments.cli.run_cli`` as one line; a write that fails (e.g. a full
-  disk) leaves the previous file intact and says so (``WriteFailedError``).
+  directory), shown by ``experiments.cli.run_cli`` as one line; ``RunFailedError`` one the run
+  met (e.g. a full disk: a failed write leaves the previous file intact, ``WriteFailedError``).
 
 No torch here: a start that only claims its folder (or is refused) is quick.
 """
@@ -21,7 +21,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,20 +39,37 @@ RUN_OUTPUTS = (
     "tensorboard",
 )
 LOCK_NAME = ".lock"
+LOCK_ATTEMPTS = 100  # a lock released between our open and flock is tried again, this often
 
 
 class RunError(Exception):
     """A problem the user can fix; shown as one line, exit status 2."""
 
 
-class WriteFailedError(RunError):
-    """An output file could not be written; the previous version is intact. Exit status 1."""
+class RunFailedError(RunError):
+    """The run failed for a reason outside its inputs (a full disk, a lost process, a diverged
+    loss); shown as one line, exit status 1."""
+
+
+class WriteFailedError(RunFailedError):
+    """An output file could not be written; the previous version is intact."""
 
 
 @contextmanager
-def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+def claim_output(
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    recorded: Callable[[], Collection[str]] = lambda: (),
+) -> Iterator[Path]:
     """Hold ``out`` for this run: create it, lock it, and refuse to replace an earlier run's
-    outputs unless ``resume`` (the driver continues them) or ``overwrite`` (they are removed)."""
+    outputs unless ``resume`` (the driver continues them) or ``overwrite`` (they are removed).
+
+    ``recorded()`` (called under the lock) names the files the earlier run recorded as its
+    own: ``--overwrite`` removes those and nothing else, and a file that looks like a run's
+    but is not among them (e.g. your own ``model_mine.pt``) is refused before anything is
+    removed. A run follows no link inside ``out``: a link where a run writes is refused. The
+    temporary files of a write that was killed midway are removed."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory")
     if resume and overwrite:
@@ -63,6 +80,8 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
         raise RunError(f"cannot create --out {out}: {error.strerror}") from None
     lock = _take_lock(out / LOCK_NAME)
     try:
+        _refuse_links(out)
+        _remove_stale_temporaries(out)
         earlier = run_outputs(out)
         if earlier and not (resume or overwrite):
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
@@ -70,12 +89,20 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
                 f"{out} already holds a run ({shown}): pass --resume to continue it, choose "
                 "another --out, or pass --overwrite to replace it"
             )
+        if earlier:
+            ours = set(recorded())
+            if foreign := [name for name in earlier if name not in ours]:
+                raise RunError(
+                    f"{out} holds {', '.join(foreign[:4])}, which its run did not record as its "
+                    f"own; --{'overwrite' if overwrite else 'resume'} touches only a run's "
+                    "recorded files: move these away, or choose another --out"
+                )
         if overwrite:
             for name in earlier:
                 path = out / name
-                if path.is_dir() and not path.is_symlink():
+                if path.is_dir():
                     shutil.rmtree(path)
-                else:  # a file, or a link (to nowhere, or to a folder that is not ours)
+                else:
                     path.unlink()
         yield out
     finally:
@@ -91,21 +118,52 @@ def run_outputs(out: Path) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in RUN_OUTPUTS))
 
 
+def _refuse_links(out: Path) -> None:
+    """A ``RunError`` for a symbolic link where a run writes (a run output, or anywhere in
+    the TensorBoard tree; the lock is ``_take_lock``'s): writing through it would change a
+    file outside ``out``."""
+    for name in run_outputs(out):
+        path = out / name
+        links = [path] if path.is_symlink() else []
+        if path.is_dir() and not path.is_symlink():
+            for folder, names, files in os.walk(path):  # links are not followed
+                links += [Path(folder, n) for n in names + files if Path(folder, n).is_symlink()]
+        if links:
+            raise RunError(
+                f"{links[0]} is a symbolic link (to {os.readlink(links[0])}): a run follows no "
+                "link inside --out; remove it, or choose another --out"
+            )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary files (``.<name>.*.tmp``, see ``msr._files.write_atomically``)
+    that a write killed midway left in ``out``: the lock is ours, so no write is under way."""
+    for name in os.listdir(out):
+        if name.startswith(".") and name.endswith(".tmp") and (out / name).is_file():
+            (out / name).unlink()
+
+
 def _take_lock(path: Path) -> Path:
     """Hold ``path`` with an exclusive ``flock`` for this process's life and write our name in it.
 
     The kernel arbitrates: of any number of simultaneous starts exactly one gets the lock, and a
     lock whose holder has ended (killed, or a full disk that left the file empty) is not held,
     so it is taken over (with a note naming the earlier holder, or saying the file was empty)."""
-    while True:
+    for _ in range(LOCK_ATTEMPTS):
         try:
-            descriptor, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            descriptor, created = os.open(path, flags, 0o644), True
         except FileExistsError:
             try:
-                descriptor, created = os.open(path, os.O_RDWR), False
+                descriptor, created = os.open(path, os.O_RDWR | os.O_NOFOLLOW), False
             except FileNotFoundError:
                 continue  # released in between: try again
             except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise RunError(
+                        f"the lock file {path} is a symbolic link: a run follows no link inside "
+                        "--out; remove it, or choose another --out"
+                    ) from None
                 raise RunError(f"cannot open the lock file {path}: {error.strerror}") from None
         except OSError as error:
             raise RunError(f"cannot write in --out {path.parent}: {error.strerror}") from None
@@ -122,6 +180,11 @@ def _take_lock(path: Path) -> Path:
         if _same_file(descriptor, path):
             break
         os.close(descriptor)  # released and removed between our open and flock: try again
+    else:
+        raise RunError(
+            f"could not take the lock file {path} in {LOCK_ATTEMPTS} tries: other runs keep "
+            "taking and releasing it; try again, or choose another --out"
+        )
     if not created:
         earlier = _holder_text(descriptor)
         print(
@@ -145,6 +208,22 @@ def _take_lock(path: Path) -> Path:
 
 
 _held: dict[Path, int] = {}  # lock file -> its open, flock-ed descriptor
+
+
+def busy_holder(out: Path) -> str | None:
+    """Who holds ``out``'s lock now ("PID on HOST", or "another process"); None if no run
+    does. Takes nothing: for readers such as ``experiments.redraw``."""
+    try:
+        descriptor = os.open(out / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # no lock file (or a link, which no run holds)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_text(descriptor) or "another process"
+    finally:
+        os.close(descriptor)  # also drops a shared lock we got
+    return None
 
 
 def _holder_text(descriptor: int) -> str:

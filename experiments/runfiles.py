@@ -25,6 +25,7 @@ from experiments.rundir import (
     RunError,
     WriteFailedError,
     describe_write_error,
+    run_outputs,
     write_error_reason,
 )
 from msr import viz
@@ -190,6 +191,25 @@ def read_results(path: Path) -> dict[str, Any]:
     )
 
 
+def recorded_outputs(out: Path, legacy_ok: bool) -> list[str]:
+    """The files of ``out`` that its run recorded as its own (results.json's ``outputs``); none
+    without a results.json. A results.json from before runs recorded their files gives every
+    run file present if ``legacy_ok`` (a resume), and is a ``RunError`` otherwise (an
+    overwrite would have to guess)."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    results = read_results(path)
+    if isinstance(results.get("outputs"), list):
+        return results["outputs"]
+    if legacy_ok:
+        return run_outputs(out)
+    raise RunError(
+        f"{path} was written before runs recorded their files, so --overwrite cannot tell "
+        "them from yours: remove the run's files yourself, or choose another --out"
+    )
+
+
 def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite a JSON-lines file (atomically) with only the records ``keep`` accepts; used on
     resume to forget what a killed run logged after its last saved state (it is redone)."""
@@ -268,24 +288,30 @@ class MetricsLog:
                     "--tensorboard needs the tensorboard package: "
                     "pip install 'msr-symmetry[experiments]'"
                 ) from error
-            if tensorboard.is_symlink() and not tensorboard.exists():
-                raise RunError(
-                    f"--tensorboard: {tensorboard} is a link to {os.readlink(tensorboard)}, "
-                    "which does not exist"
-                )
             try:
                 tensorboard.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise RunError(f"--tensorboard: cannot write in {tensorboard}: {error}") from None
             self._board = tensorboard
-        self._stream = path.open("ab", buffering=0)  # nothing left in a buffer if a write fails
+        try:  # appended unbuffered: nothing left in a buffer if a write fails; never via a link
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            self._stream = os.fdopen(os.open(path, flags, 0o666), "ab", buffering=0)
+        except OSError as error:
+            raise RunError(f"cannot append to {path}: {write_error_reason(error)}") from None
 
     @property
     def board(self) -> bool:
         """Whether this log also writes to TensorBoard."""
         return self._board is not None
 
-    def _writer(self, fields: dict[str, Any]) -> Any:
+    def continue_from(self, tags: dict[str, Any], step: int) -> None:
+        """A resumed job logs again from ``step`` on: its TensorBoard run hides what a killed
+        run logged there and later (work redone from the last checkpoint), as metrics.jsonl
+        is trimmed to it."""
+        if self._board is not None:
+            self._writer(tags, purge_step=step)
+
+    def _writer(self, fields: dict[str, Any], purge_step: int | None = None) -> Any:
         """The SummaryWriter of the job that ``fields`` (a record's tags) name."""
         from torch.utils.tensorboard import SummaryWriter
 
@@ -296,7 +322,7 @@ class MetricsLog:
         )
         if run not in self._writers:
             try:
-                self._writers[run] = SummaryWriter(str(self._board / run))
+                self._writers[run] = SummaryWriter(str(self._board / run), purge_step=purge_step)
             except OSError as error:
                 raise RunError(f"--tensorboard: cannot write in {self._board}: {error}") from None
         return self._writers[run]

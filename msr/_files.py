@@ -26,8 +26,8 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file under this pr
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """``write(stream)`` into a temporary file beside ``path``, sync it, give it the mode
     ``open`` would (the umask), and rename it over ``path``: a reader, a crash or a stop never
-    sees a half-written file. On any failure the temporary file is removed, the previous
-    ``path`` is as it was, and the error is raised."""
+    sees a half-written file; the folder is synced after the rename. On any failure the
+    temporary file is removed, the previous ``path`` is as it was, and the error is raised."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -35,10 +35,21 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, FILE_MODE)  # mkstemp makes 0600
-        os.replace(temporary, path)
+        os.replace(temporary, path)  # a link at ``path`` is replaced, never followed
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    sync_directory(path.parent)
+
+
+def sync_directory(folder: Path) -> None:
+    """``fsync`` a folder, so that a rename in it survives a power loss (the file's own sync
+    does not cover its directory entry)."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class ModelFileError(ValueError):
@@ -85,9 +96,16 @@ def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
     file that would run code is refused); a missing file is a ``FileNotFoundError``, any other
     failure a ``ModelFileError`` with torch's specific reason."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as stream:
+            head = stream.read(4)
     except FileNotFoundError:
         raise
+    except OSError as error:
+        raise ModelFileError(f"{path} cannot be read: {error.strerror}") from None
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or legacy pickle
+        raise ModelFileError(f"{path} is not a torch file (it begins with {head!r})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many kinds: unpickling, zip, EOF, runtime
         # The specific line, not torch's advice to retry with weights_only=False.
         lines = [line.strip() for line in str(error).splitlines()]

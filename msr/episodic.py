@@ -89,12 +89,7 @@ class EpisodicLearner(nn.Module):
         if value == "grouped":
             check_groupable(self.model)
         if value == "vmap":
-            for name, module in self.model.named_modules():
-                if isinstance(module, _BatchNorm):
-                    raise ValueError(
-                        f"{name} is a torch BatchNorm, whose second-order gradients are wrong "
-                        "under vmap in torch 2.13; use msr.TaskBatchNorm or batching='loop'"
-                    )
+            check_no_torch_batchnorm(self.model, "batching='loop'")
         self._batching = value
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -235,12 +230,21 @@ class EpisodicLearner(nn.Module):
         """Score each task's query set after its support set; no meta-gradient is kept.
 
         Returns per-task tensors: ``"loss"`` and one entry per extra metric ``fn(pred, target)``
-        (metrics must be written with vmap-able torch ops, e.g. accuracy via ``argmax``).
+        (metrics must be written with vmap-able torch ops, e.g. accuracy via ``argmax``). A NaN
+        or infinite task loss (non-finite inputs, or a diverged adaptation) is a
+        ``NonFiniteLossError`` naming the tasks, as in ``meta_backward``.
         """
         tasks = self._checked(tasks)
         metrics = dict(metrics or {})
         if "loss" in metrics:
             raise ValueError("metric name 'loss' is reserved for the training loss")
+        scores = self._evaluate(tasks, metrics, chunk_size)
+        _finite(scores["loss"], "no score is given (a metric of NaN outputs would mislead)")
+        return scores
+
+    def _evaluate(
+        self, tasks: TaskBatch, metrics: dict[str, LossFn], chunk_size: int | None
+    ) -> dict[str, Tensor]:
         if self.batching == "vmap":
             with torch.no_grad():
                 return self._run(tasks, detach=True, metrics=metrics, chunk_size=chunk_size)
@@ -261,6 +265,17 @@ class EpisodicLearner(nn.Module):
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def check_no_torch_batchnorm(model: nn.Module, instead: str) -> None:
+    """Refuse a torch BatchNorm in a model that runs under ``vmap``: its second-order gradients
+    are wrong there (torch 2.13); ``instead`` says what to use."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            raise ValueError(
+                f"{name} is a torch BatchNorm, whose second-order gradients are wrong under vmap "
+                f"in torch 2.13; use msr.TaskBatchNorm or {instead}"
+            )
+
+
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     """Share of correct argmax predictions (a vmap-able metric for ``evaluate``)."""
     return (logits.argmax(-1) == target).to(logits.dtype).mean()
@@ -268,12 +283,12 @@ def accuracy(logits: Tensor, target: Tensor) -> Tensor:
 
 def _finite(losses: Tensor, consequence: str) -> Tensor:
     """``losses`` (one per task), or a ``NonFiniteLossError`` naming the tasks whose loss is
-    NaN or infinite, and its ``consequence`` for the gradients."""
+    NaN or infinite, and its ``consequence``."""
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"{i} ({losses[i].item()})" for i in bad[:5])
         raise NonFiniteLossError(
-            f"the meta-loss is not finite: task {shown}{', ...' if len(bad) > 5 else ''} of "
+            f"the query loss is not finite: task {shown}{', ...' if len(bad) > 5 else ''} of "
             f"{losses.numel()} (a diverged inner loop or outer step); {consequence}",
             losses.detach(),
         )

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from torch._C import _functorch
 from torch.func import functional_call, grad, vmap
 
-from msr.episodic import Batching, EpisodicLearner, LossFn, TaskBatch
+from msr.episodic import (
+    Batching,
+    EpisodicLearner,
+    LossFn,
+    TaskBatch,
+    check_no_torch_batchnorm,
+)
 from msr.grouped import grouped_call
 from msr.layers import SymmetryLayer
 
@@ -81,7 +87,9 @@ class MAML(EpisodicLearner):
         batching: Batching = "vmap",
     ) -> None:
         _check_steps(inner_steps)
-        if not (isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0):
+        if isinstance(inner_lr, bool) or not (
+            isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0
+        ):
             raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
         if inner_update is not None and not callable(inner_update):
             raise TypeError(f"inner_update must be callable, got {type(inner_update).__name__}")
@@ -166,7 +174,7 @@ class MAML(EpisodicLearner):
     ) -> dict[str, Tensor]:
         """One inner step: ``inner_update``, or SGD with the (per-step) inner lrs."""
         if self.inner_update is not None:
-            return dict(self.inner_update(fast, grads, step))
+            return _checked_update(self.inner_update(fast, grads, step), fast)
         index = step if self.per_step_inner_lr else ...
         return {n: fast[n] - lrs[n][index] * grads[n] for n in fast}
 
@@ -333,6 +341,8 @@ class MAML(EpisodicLearner):
         if the model has dropout).
         """
         in_vmap = any(_functorch.is_batchedtensor(t) for t in (x_support, y_support))
+        if in_vmap:  # your own vmap: the check MAML's batching='vmap' makes
+            check_no_torch_batchnorm(self.model, "adapt each task outside vmap")
         state, lrs = self._state(detach=not create_graph)
         with self._steps(inner_steps), torch.set_grad_enabled(create_graph):
             adapted = self._adapt(state, lrs, x_support, y_support, in_vmap)
@@ -369,6 +379,25 @@ def _power_iteration(
         value = float(sum((v * u).sum() for v, u in zip(vector, image, strict=True)))
         vector = [u.detach() for u in image]
     return value + shift
+
+
+def _checked_update(updated: Mapping[str, Tensor], fast: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An ``inner_update``'s result, refused (``ValueError``) unless it gives every fast
+    parameter, and only those, a tensor of its shape (a wrong shape would broadcast, a missing
+    name silently stop adapting)."""
+    if not isinstance(updated, Mapping) or set(updated) != set(fast):
+        names = sorted(updated) if isinstance(updated, Mapping) else type(updated).__name__
+        raise ValueError(
+            f"inner_update must return a tensor for each fast parameter {sorted(fast)}, got {names}"
+        )
+    for name, tensor in updated.items():
+        if not isinstance(tensor, Tensor) or tensor.shape != fast[name].shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"inner_update returned {shape} for {name}, whose shape is "
+                f"{tuple(fast[name].shape)}"
+            )
+    return dict(updated)
 
 
 def _differentiable(fast: dict[str, Tensor]) -> dict[str, Tensor]:

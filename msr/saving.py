@@ -38,7 +38,16 @@ from msr.protonet import ProtoNet
 
 FORMAT = "msr-model/1"
 
-__all__ = ["FORMAT", "ModelFileError", "architecture", "build", "load", "read", "save"]
+__all__ = [
+    "FORMAT",
+    "MAX_PARAMETERS",
+    "ModelFileError",
+    "architecture",
+    "build",
+    "load",
+    "read",
+    "save",
+]
 
 
 def _msr_linear(layer: MSRLinear) -> dict[str, Any]:
@@ -177,31 +186,96 @@ def architecture(model: nn.Module) -> dict[str, Any]:
     return {"learner": learner, "network": _network(network), "frozen": frozen}
 
 
-def _build_network(spec: dict[str, Any]) -> nn.Module:
+_LEARNER_OPTIONS = {  # what build passes each learner, besides the network
+    "MAML": {
+        "loss_fn",
+        "inner_loss_fn",
+        "inner_steps",
+        "learn_inner_lr",
+        "per_step_inner_lr",
+        "first_order",
+        "fast_parameters",
+        "batching",
+    },
+    "ProtoNet": {"ways", "batching"},
+    None: set(),
+}
+
+MAX_PARAMETERS = 2**28  # values (1 GiB of float32) a model file may describe unless told more
+
+
+def _build_network(spec: Any) -> nn.Module:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise ModelFileError(f"a network entry must be a dict with a type, got {spec!r:.80}")
     arguments = {k: v for k, v in spec.items() if k != "type"}
     if spec["type"] == "Sequential":
-        return nn.Sequential(*(_build_network(layer) for layer in arguments["layers"]))
+        layers = arguments.get("layers")
+        if not isinstance(layers, list) or set(arguments) != {"layers"}:
+            raise ModelFileError(
+                f"a Sequential entry holds a list of layers, got {arguments!r:.80}"
+            )
+        return nn.Sequential(*(_build_network(layer) for layer in layers))
     if spec["type"] not in MODULES:
         raise ModelFileError(f"unknown module type {spec['type']!r} (known: {', '.join(MODULES)})")
     arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
-    return MODULES[spec["type"]][2](**arguments)
+    try:
+        return MODULES[spec["type"]][2](**arguments)
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"a {spec['type']} with {arguments}: {error}") from None
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
-    """The model ``architecture`` described, freshly initialized (``load`` fills its values)."""
+def _build(spec: Any) -> nn.Module:
+    """``build`` without the size check (inside ``torch.device('meta')`` it allocates nothing)."""
+    if not isinstance(spec, dict) or {"learner", "network", "frozen"} - set(spec):
+        raise ModelFileError("the architecture must hold a learner, a network and frozen")
     network = _build_network(spec["network"])
-    for name in spec["frozen"]:
-        network.get_parameter(name).requires_grad_(False)
-    learner = dict(spec["learner"])
-    kind = learner.pop("type")
-    if kind is None:
-        return network
-    if kind == "ProtoNet":
-        return ProtoNet(network, **learner)
-    if kind != "MAML":
-        raise ModelFileError(f"unknown learner type {kind!r} (known: MAML, ProtoNet)")
-    losses = {key: getattr(F, learner.pop(key)) for key in ("loss_fn", "inner_loss_fn")}
-    return MAML(network, losses["loss_fn"], inner_loss_fn=losses["inner_loss_fn"], **learner)
+    frozen, names = spec["frozen"], dict(network.named_parameters())
+    if not isinstance(frozen, list) or not all(isinstance(n, str) and n in names for n in frozen):
+        raise ModelFileError(f"frozen must list parameters of the network, got {frozen!r:.120}")
+    for name in frozen:
+        names[name].requires_grad_(False)
+    learner = dict(spec["learner"]) if isinstance(spec["learner"], dict) else {}
+    kind = learner.pop("type", "missing")
+    if kind not in _LEARNER_OPTIONS:
+        raise ModelFileError(f"unknown learner type {kind!r} (known: MAML, ProtoNet, None)")
+    if set(learner) != _LEARNER_OPTIONS[kind]:
+        unknown, missing = (
+            set(learner) - _LEARNER_OPTIONS[kind],
+            _LEARNER_OPTIONS[kind] - set(learner),
+        )
+        raise ModelFileError(
+            f"the {kind} learner's options are off (unknown {sorted(unknown)}, missing "
+            f"{sorted(missing)})"
+        )
+    try:
+        if kind is None:
+            return network
+        if kind == "ProtoNet":
+            return ProtoNet(network, **learner)
+        losses = {key: learner.pop(key) for key in ("loss_fn", "inner_loss_fn")}
+        if bad := [name for name in losses.values() if name not in LOSSES]:
+            raise ModelFileError(f"loss {bad[0]!r} is not one of {', '.join(LOSSES)}")
+        named = {key: getattr(F, name) for key, name in losses.items()}
+        return MAML(network, named["loss_fn"], inner_loss_fn=named["inner_loss_fn"], **learner)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ModelFileError):
+            raise
+        raise ModelFileError(f"the {kind} learner: {error}") from None
+
+
+def build(spec: dict[str, Any], max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """The model ``architecture`` described, freshly initialized (``load`` fills its values).
+    A malformed description is a ``ModelFileError``; so is one of more than ``max_parameters``
+    values (parameters and buffers), counted before anything is allocated."""
+    with torch.device("meta"):
+        described = _build(spec)
+    count = sum(t.numel() for t in described.state_dict().values())
+    if count > max_parameters:
+        raise ModelFileError(
+            f"the architecture describes {count:,} values, more than max_parameters="
+            f"{max_parameters:,}: pass a larger max_parameters if you trust the file"
+        )
+    return _build(spec)
 
 
 def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -230,16 +304,33 @@ def read(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         payload = without_checksum(saved)
     except ModelFileError as error:
         raise ModelFileError(f"{path} {error}") from None
-    if "architecture" not in payload or "state_dict" not in payload:
+    if "architecture" not in payload or not isinstance(payload.get("state_dict"), dict):
         raise ModelFileError(f"{path} is a checksummed file but not a model file (no architecture)")
+    written = payload.get("format", FORMAT)  # the drivers' model files have none: version 1
+    if written != FORMAT:
+        raise ModelFileError(f"{path} is in format {written!r}; this msr reads {FORMAT}")
     return payload
 
 
-def load(path: str | Path, map_location: Any = "cpu") -> nn.Module:
+def load(
+    path: str | Path, map_location: Any = "cpu", *, max_parameters: int = MAX_PARAMETERS
+) -> nn.Module:
     """The model saved at ``path`` (by ``save`` or a driver), rebuilt from its architecture and
     its values loaded (``map_location`` as in ``torch.load``): the ``MAML`` or ``ProtoNet``
-    learner, or the network, as it was saved."""
+    learner, or the network, as it was saved. A file whose architecture describes more than
+    ``max_parameters`` values is refused before anything is built; a malformed one, or a
+    state dict that does not fit it, is a ``ModelFileError`` naming the file."""
     payload = read(path, map_location)
-    model = build(payload["architecture"])
-    model.load_state_dict(payload["state_dict"], assign=True)  # the tensors as loaded
+    try:
+        model = build(payload["architecture"], max_parameters)
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    state = payload["state_dict"]
+    found = {n: tuple(t.shape) if isinstance(t, torch.Tensor) else t for n, t in state.items()}
+    if found != expected:
+        off = sorted(n for n in expected.keys() | found.keys() if found.get(n) != expected.get(n))
+        shown = ", ".join(f"{n} ({found.get(n)} for {expected.get(n)})" for n in off[:3])
+        raise ModelFileError(f"{path}: its state dict does not fit its architecture: {shown}")
+    model.load_state_dict(state, assign=True)  # the tensors as loaded
     return model

@@ -123,14 +123,16 @@ def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):
     shutil.rmtree(board)  # its runs (one folder per job) gone with it
     board.symlink_to(nowhere)
     line = _one_line(capsys, "synthetic", *argv, "--resume")
-    assert f"--tensorboard: {board} is a link to {nowhere}, which does not exist" in line
+    assert f"{board} is a symbolic link (to {nowhere}): a run follows no link" in line
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "tensorboard").symlink_to(nowhere)
-    line = _one_line(capsys, "synthetic", *SYNTHETIC, "--out", str(fresh), "--tensorboard")
-    assert "already holds a run (tensorboard)" in line  # the link is seen, not followed
-    _ok(capsys, "synthetic", *SYNTHETIC, "--out", str(fresh), "--tensorboard", "--overwrite")
-    assert (fresh / "tensorboard").is_dir() and not (fresh / "tensorboard").is_symlink()
+    for flags in ([], ["--overwrite"]):  # the link is seen, never followed nor replaced
+        line = _one_line(
+            capsys, "synthetic", *SYNTHETIC, "--out", str(fresh), "--tensorboard", *flags
+        )
+        assert "tensorboard is a symbolic link" in line
+    assert (fresh / "tensorboard").is_symlink() and not nowhere.exists()
 
 
 def _npz(path: Path, **changes) -> Path:

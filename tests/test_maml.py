@@ -412,7 +412,7 @@ def test_a_non_finite_meta_loss_names_its_tasks(batching):
     maml = MAML(_mlp(), batching=batching)
     tasks = _regression_tasks()
     poisoned = tasks._replace(y_query=tasks.y_query.index_fill(0, torch.tensor([2]), math.inf))
-    with pytest.raises(NonFiniteLossError, match=r"meta-loss is not finite: task 2 \(inf\) of 4"):
+    with pytest.raises(NonFiniteLossError, match=r"query loss is not finite: task 2 \(inf\) of 4"):
         maml.meta_backward(poisoned)
     if batching != "loop":  # refused before the backward pass
         assert all(p.grad is None for p in maml.parameters())

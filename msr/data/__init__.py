@@ -3,6 +3,7 @@
 
 from msr.data.augment import augment_images
 from msr.data.episodes import ImageClasses, check_episodes, sample_episodes
+from msr.data.fingerprint import fingerprint
 from msr.data.loader import EpisodeDataset
 from msr.data.miniimagenet import load_miniimagenet
 from msr.data.omniglot import OMNIGLOT_SPLITS, load_omniglot
@@ -13,6 +14,7 @@ __all__ = [
     "ImageClasses",
     "augment_images",
     "check_episodes",
+    "fingerprint",
     "load_miniimagenet",
     "load_omniglot",
     "sample_episodes",

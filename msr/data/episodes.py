@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from msr.data.images import read_image
+from msr.data.images import read_image, unit_pixels
 from msr.episodic import TaskBatch
 from msr.validation import check_positive_int, check_same_device
 
@@ -151,22 +151,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def _as_chw(image: Any, index: int) -> Tensor:
-    """One dataset image as a float (C, H, W) tensor."""
+    """One dataset image as a float (C, H, W) tensor in [0, 1] (``unit_pixels``' rule)."""
     if isinstance(image, Tensor):
-        tensor = image.float() if image.is_floating_point() else image.float() / 255.0
-        if tensor.dim() == 2:
-            tensor = tensor.unsqueeze(0)
-        if tensor.dim() != 3:
+        if image.dim() not in (2, 3):
             raise ValueError(
-                f"dataset item {index}: expected a (C, H, W) image, got {tuple(tensor.shape)}"
+                f"dataset item {index}: expected a (C, H, W) image, got {tuple(image.shape)}"
             )
-        return tensor
+        pixels = unit_pixels(image.detach().cpu().numpy(), f"dataset item {index}")
+        tensor = torch.from_numpy(pixels)
+        return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor
     array = np.asarray(image)  # PIL images and arrays: (H, W) or (H, W, C)
     if array.ndim not in (2, 3):
         raise ValueError(f"dataset item {index}: expected an (H, W[, C]) image, got {array.shape}")
-    tensor = torch.from_numpy(array.astype(np.float32))
-    if not np.issubdtype(array.dtype, np.floating):
-        tensor = tensor / 255.0
+    tensor = torch.from_numpy(unit_pixels(array, f"dataset item {index}"))
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 

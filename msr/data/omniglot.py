@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from msr.data.episodes import ImageClasses
-from msr.data.images import read_image
+from msr.data.images import read_image, unit_pixels
 
 OMNIGLOT_SPLITS = (
     "background",
@@ -97,10 +97,18 @@ def _npz_characters(path: Path, image_size: int) -> dict[str, tuple[str, Tensor]
         if missing:
             raise ValueError(f"{path} lacks the arrays {missing}")
         arrays = {key: data[key] for key in NPZ_KEYS}
-    except (OSError, zipfile.BadZipFile) as error:
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"cannot read {path}: {error}") from error
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise ValueError(f"cannot read {path}: {error}") from None
+        raise ValueError(
+            f"{path} holds pickled Python objects, which are never loaded (they could run "
+            "code): not an Omniglot array file"
+        ) from None
     _check_npz(path, arrays)
-    images = 1.0 - torch.from_numpy(arrays["images"]).float().unsqueeze(2) / 255.0
+    pixels = unit_pixels(arrays["images"], f"{path}: images")  # stored with ink = 0
+    images = 1.0 - torch.from_numpy(pixels).unsqueeze(2)
     names = arrays["alphabet_names"]
     return {
         f"{names[a]}/character{c:02d}": (("background", "evaluation")[s], images[i])
