@@ -321,10 +321,20 @@ def remove_stale_rank_folders() -> None:
         pid = folder.name.split("-pid", 1)[1].split("-", 1)[0]
         try:
             owned = folder.is_dir() and folder.lstat().st_uid == os.getuid()
-            if owned and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(folder, ignore_errors=True)
         except OSError:
             continue
+        if owned and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def share_run_files(out: Path) -> None:
@@ -360,8 +370,8 @@ def reuse_freed_memory() -> bool:
 
 
 def _collective_failure(error: RuntimeError) -> bool:
-    """Whether ``error`` is a torch.distributed collective that failed (a peer gone, or the
-    ``COLLECTIVE_TIMEOUT`` passed): torch raises DistError for nccl, a plain RuntimeError
+    """Whether ``error`` is a torch.distributed collective that failed (a peer gone, or
+    ``collective_timeout()`` passed): torch raises DistError for nccl, a plain RuntimeError
     from gloo's transport for gloo."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
@@ -386,10 +396,7 @@ def run_cli(main: Callable[[], Any], prog: str) -> None:
     try:
         with deferred_stops():
             main()
-    except RunFailedError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except FloatingPointError as error:  # a non-finite loss: the engine's, or the library's
+    except (RunFailedError, FloatingPointError) as error:  # FloatingPointError: a NaN loss
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as error:

@@ -249,7 +249,6 @@ def run_jobs(
 
     if args.resume:
         results.update(_resumable(results_path, results, cfg))
-        results["outputs"] = sorted({*results["outputs"], *recorded_outputs(args.out, True)})
         finished = {key(run) for run in results["runs"]}
         reached = {  # how far each unfinished job's checkpoint got
             key(tags): load_checked(path)["step"]
