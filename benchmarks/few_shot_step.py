@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from experiments.cli import resolve_device, reuse_freed_memory
-from experiments.few_shot import DEFAULT_DATA, build_learner, load_splits
+from experiments.few_shot import build_learner, data_roots_beside_checkout, load_splits
 from experiments.presets import FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT
 from msr import TaskBatch
-from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.data import ImageClasses, augment_images, find_omniglot, sample_episodes
 from msr.reference import higher_meta_backward
 from msr.streams import keyed_generator
 
@@ -69,7 +69,7 @@ def setting_name(cfg: FewShotConfig) -> str:
 
 def omniglot_train(device: torch.device) -> ImageClasses:
     """The Omniglot training classes the benchmarks sample from, put on ``device`` once."""
-    return load_splits("omniglot", DEFAULT_DATA["omniglot"], 28, device)[0]
+    return load_splits("omniglot", find_omniglot(data_roots_beside_checkout()), 28, device)[0]
 
 
 def episodes(

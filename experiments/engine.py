@@ -31,10 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import scipy.stats
 import torch
 import torch.distributed as dist
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from experiments.cli import (
@@ -164,16 +162,6 @@ class Experiment:
     def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         """The lines printed after the run (tables); may add summary fields to ``results``."""
         return []
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t confidence interval over independent values."""
-    values = values.detach().double().flatten()
-    count = values.numel()
-    if count < 2:
-        raise ValueError(f"a confidence interval needs at least 2 values, got {count}")
-    sem = values.std(unbiased=True).item() / math.sqrt(count)
-    return values.mean().item(), scipy.stats.t.ppf(0.975, count - 1) * sem
 
 
 def build_maml(model: torch.nn.Module, cfg: RunConfig, **options: Any) -> MAML:
@@ -373,6 +361,9 @@ def run_job(
     )
     entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
     entry["device"] = str(device)
+    model = _model_path(args.out, experiment, tags)  # as the job leaves the learner (e.g. the
+    saved = load_model(model)  # test-time inner steps its result chose: msr.load's default)
+    save_checked(model, {**saved, "architecture": architecture(plan.learner)})
     final = entry[experiment.metric] * experiment.metric_to_board
     log.hparams(tags, asdict(tuned), {f"final/{experiment.metric}": final})
     if plan.draw is not None and (figure := plan.draw(entry)) is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from experiments import engine
 from experiments.cli import positive_int, raise_if_stopped, run_cli
-from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95
+from experiments.engine import Experiment, Plan, Tags, build_maml
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
 from experiments.runfiles import save_figure
@@ -51,6 +52,7 @@ from msr.data import (
     ImageClasses,
     augment_images,
     check_episodes,
+    find_omniglot,
     fingerprint,
     load_miniimagenet,
     load_omniglot,
@@ -58,14 +60,22 @@ from msr.data import (
 )
 from msr.distributed import sharded_evaluate, sharded_map
 from msr.models import conv4
+from msr.stats import mean_ci95
 from msr.symmetry import adapted_image_symmetry, factor_singular_values
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
 DATASETS = ("omniglot", "miniimagenet", "folder")
 CHANNELS = {"omniglot": 1, "miniimagenet": 3, "folder": 3}
-DEFAULT_DATA = {
-    "omniglot": REPO_ROOT.parent / "shared" / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
-}
+# the development and CI data beside this checkout: the data rule's last root, unless
+# MSR_NO_SHARED_DATA is set (the suite's run as a fresh clone would see it)
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def data_roots_beside_checkout() -> list[Path]:
+    """The roots the drivers add to the library's data rule (``msr.data.locations``)."""
+    return [] if os.environ.get("MSR_NO_SHARED_DATA") else [SHARED_DATA]
+
+
 # The paper's Table 3: accuracy (%) and 95% CI per method, dataset, (ways, shots).
 PAPER_TABLE3: dict[str, dict[tuple[str, int, int], tuple[float, float]]] = {
     "maml": {
@@ -250,8 +260,9 @@ class FewShot(Experiment):
         parser.add_argument(
             "--data",
             type=Path,
-            help="data path (default: the shared Omniglot .npz; for folder, the folder that "
-            "holds train/, val/ and test/)",
+            help="data path (Omniglot: the .npz or the standard folders, default: found by "
+            "the data rule, $MSR_DATA, then ~/.cache/msr, see `python -m msr.data.omniglot "
+            "where`; mini-ImageNet: its root; folder: the folder holding train/, val/, test/)",
         )
         parser.add_argument(
             "--methods", "--method", nargs="+", choices=METHODS, required=True, help="the learners"
@@ -278,8 +289,7 @@ class FewShot(Experiment):
         )
 
     def check_arguments(self, args: argparse.Namespace) -> None:
-        args.data = args.data or DEFAULT_DATA.get(args.dataset)
-        if args.data is None:
+        if args.data is None and args.dataset != "omniglot":
             raise ValueError(f"--data is required for {args.dataset} (the standard layout's root)")
         if args.preset not in FEW_SHOT[args.dataset]:
             raise ValueError(
@@ -299,7 +309,12 @@ class FewShot(Experiment):
         return cfg
 
     def check(self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device) -> None:  # type: ignore[override]
-        """Load the data and check that it holds episodes of every job's shape."""
+        """Find and load the data, and check that it holds episodes of every job's shape."""
+        if args.data is None:  # Omniglot by the data rule
+            try:
+                args.data = find_omniglot(data_roots_beside_checkout())
+            except FileNotFoundError as error:
+                raise RunError(f"{error}; or pass --data") from None
         for name, classes in zip(
             ("train", "val", "test"), self._splits(args, cfg, device), strict=True
         ):
@@ -374,6 +389,7 @@ class FewShot(Experiment):
                     for k in sorted(cfg.test_inner_steps)
                 }
                 inner_steps = int(max(curve, key=lambda k: (curve[k], -int(k))))
+                learner.test_inner_steps = inner_steps  # the model file's default from now on
             per_episode = score(test, cfg.test_tasks, inner_steps)
             mean, ci95 = mean_ci95(per_episode)
             held_out = episodes(

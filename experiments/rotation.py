@@ -36,13 +36,13 @@ from experiments.engine import (
     Plan,
     Tags,
     build_maml,
-    mean_ci95,
     sweep_inner_lr,
     tables_per_seed,
 )
 from experiments.presets import ROTATION, RotationConfig
 from msr import MSRConv2d, viz
 from msr.distributed import sharded_evaluate
+from msr.stats import mean_ci95
 from msr.symmetry import adapted_group_equivariance_error
 from synthetic.rotation2d import ExactGrid2D, LiftingConvTasks, Steerable2D
 

@@ -22,10 +22,11 @@ from torch import nn
 
 from experiments import engine
 from experiments.cli import run_cli
-from experiments.engine import Experiment, Plan, Tags, build_maml, mean_ci95, tables_per_seed
+from experiments.engine import Experiment, Plan, Tags, build_maml, tables_per_seed
 from experiments.presets import SYNTHETIC, RunConfig
 from msr import MSRLinear, bases, viz
 from msr.distributed import sharded_evaluate
+from msr.stats import mean_ci95
 from msr.symmetry import (
     adapted_translation_equivariance_error,
     orthonormal_basis,

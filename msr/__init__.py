@@ -4,7 +4,7 @@ A layer stores its weight as vec(W) = U v; a MAML inner loop adapts v (and biase
 while the outer loop learns the sharing matrix U and the initial v.
 """
 
-from msr import bases, groups
+from msr import bases, groups, stats
 from msr.episodic import EpisodicLearner, NonFiniteLossError, TaskBatch, accuracy
 from msr.layers import MSRConv2d, MSRLinear, SymmetryLayer
 from msr.maml import MAML, partition_parameters
@@ -29,5 +29,6 @@ __all__ = [
     "load",
     "partition_parameters",
     "save",
+    "stats",
 ]
 __version__ = "0.1.0"

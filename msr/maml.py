@@ -85,8 +85,11 @@ class MAML(EpisodicLearner):
         first_order: bool = False,
         fast_parameters: Iterable[str] | None = None,
         batching: Batching = "vmap",
+        test_inner_steps: int | None = None,
     ) -> None:
         _check_steps(inner_steps)
+        if test_inner_steps is not None:
+            _check_steps(test_inner_steps)
         if isinstance(inner_lr, bool) or not (
             isinstance(inner_lr, int | float) and math.isfinite(inner_lr) and inner_lr > 0
         ):
@@ -121,6 +124,9 @@ class MAML(EpisodicLearner):
         self.fast_names: tuple[str, ...] = tuple(fast)
         self.per_step_inner_lr = per_step_inner_lr
         self.trained_inner_steps = inner_steps  # how many per-step lrs there are
+        # what evaluate / adapt / adapted_model take by default (None: the training's), e.g.
+        # the count chosen on validation tasks; the drivers' model files carry it
+        self.test_inner_steps = test_inner_steps
         self.inner_update = inner_update
         first = model.get_parameter(fast[0])  # the inner lrs live beside the fast parameters
         shape = (inner_steps,) if per_step_inner_lr else ()
@@ -291,7 +297,10 @@ class MAML(EpisodicLearner):
 
     @contextmanager
     def _steps(self, inner_steps: int | None) -> Iterator[None]:
-        """Inside, the inner loop takes ``inner_steps`` steps (None: the training's)."""
+        """Inside, the inner loop takes ``inner_steps`` steps (None: ``test_inner_steps``, if
+        set, else the training's)."""
+        if inner_steps is None:
+            inner_steps = self.test_inner_steps
         if inner_steps is None:
             yield
             return
@@ -317,8 +326,9 @@ class MAML(EpisodicLearner):
         inner_steps: int | None = None,
     ) -> dict[str, Tensor]:
         """``EpisodicLearner.evaluate``, adapting each task for ``inner_steps`` SGD steps
-        (default: ``self.inner_steps``, the training's). The standard few-shot protocol adapts
-        longer at test time than in training; choose the count on validation tasks."""
+        (default: ``test_inner_steps`` if set, else ``inner_steps``, the training's). The
+        standard few-shot protocol adapts longer at test time than in training; choose the
+        count on validation tasks (and keep it as ``test_inner_steps``)."""
         with self._steps(inner_steps):
             return super().evaluate(tasks, metrics, chunk_size)
 
@@ -331,8 +341,8 @@ class MAML(EpisodicLearner):
         create_graph: bool = False,
     ) -> dict[str, Tensor]:
         """The model's tensors (parameters and buffers, by name) adapted to one task's support
-        set in ``inner_steps`` steps (default: the training's), for ``self(x, params=...)`` or
-        ``torch.func.functional_call``.
+        set in ``inner_steps`` steps (default: ``test_inner_steps`` or the training's), for
+        ``self(x, params=...)`` or ``torch.func.functional_call``.
 
         With ``create_graph=True`` they are differentiable in the symmetries, the initial fast
         parameters and the inner lrs (second order unless ``first_order``), so that a user's
@@ -352,7 +362,7 @@ class MAML(EpisodicLearner):
         self, x_support: Tensor, y_support: Tensor, *, inner_steps: int | None = None
     ) -> nn.Module:
         """A detached copy of the model adapted to one task's support set, for inspection (e.g.
-        its layers' weights), in ``inner_steps`` steps (default: the training's)."""
+        its layers' weights), in ``inner_steps`` steps (default: as ``adapt``)."""
         adapted = self.adapt(x_support, y_support, inner_steps=inner_steps)
         clone = copy.deepcopy(self.model)
         for name, tensor in adapted.items():

@@ -174,6 +174,7 @@ def architecture(model: nn.Module) -> dict[str, Any]:
             "first_order": model.first_order,
             "fast_parameters": list(model.fast_names),
             "batching": model.batching,
+            "test_inner_steps": model.test_inner_steps,
         }
     elif isinstance(model, ProtoNet):
         learner = {"type": "ProtoNet", "ways": model.ways, "batching": model.batching}
@@ -196,11 +197,13 @@ _LEARNER_OPTIONS = {  # what build passes each learner, besides the network
         "first_order",
         "fast_parameters",
         "batching",
+        "test_inner_steps",
     },
     "ProtoNet": {"ways", "batching"},
     None: set(),
 }
 
+_ADDED_LATER = {"test_inner_steps"}  # options files written before them lack (the default)
 MAX_PARAMETERS = 2**28  # values (1 GiB of float32) a model file may describe unless told more
 
 
@@ -238,11 +241,9 @@ def _build(spec: Any) -> nn.Module:
     kind = learner.pop("type", "missing")
     if kind not in _LEARNER_OPTIONS:
         raise ModelFileError(f"unknown learner type {kind!r} (known: MAML, ProtoNet, None)")
-    if set(learner) != _LEARNER_OPTIONS[kind]:
-        unknown, missing = (
-            set(learner) - _LEARNER_OPTIONS[kind],
-            _LEARNER_OPTIONS[kind] - set(learner),
-        )
+    unknown = set(learner) - _LEARNER_OPTIONS[kind]
+    missing = _LEARNER_OPTIONS[kind] - set(learner) - _ADDED_LATER
+    if unknown or missing:
         raise ModelFileError(
             f"the {kind} learner's options are off (unknown {sorted(unknown)}, missing "
             f"{sorted(missing)})"

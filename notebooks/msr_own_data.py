@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -25,7 +25,6 @@
 
 # %%
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,12 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-# experiments/ (for the path of the shared Omniglot file) is not installed with msr
-sys.path.insert(0, str(Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()))
-
-from experiments.few_shot import DEFAULT_DATA
 from msr import MAML, MSRConv2d, TaskBatchNorm, accuracy, viz
-from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.data import ImageClasses, augment_images, find_omniglot, sample_episodes
+
+# Omniglot by msr's data rule ($MSR_DATA, ~/.cache/msr: `python -m msr.data.omniglot download`),
+# or the development copy beside this repository
+repository = Path(os.environ.get("MSR_REPOSITORY", "..")).resolve()
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "300"))
 torch.manual_seed(0)
@@ -49,10 +48,11 @@ torch.manual_seed(0)
 # ## An image folder tree with uneven classes
 
 # %%
-omniglot = np.load(DEFAULT_DATA["omniglot"])["images"]  # (drawings of characters, 20, 28, 28)
+omniglot = np.load(find_omniglot([repository.parent / "shared" / "data"]))["images"]
 root = Path(tempfile.mkdtemp(prefix="msr-own-data-"))
 TRAIN, TEST = root / "train", root / "test"
-for split, characters in ((TRAIN, range(0, 60)), (TEST, range(900, 930))):
+count = min(90, len(omniglot))  # characters, each (20, 28, 28): 60 to train on, 30 to test
+for split, characters in ((TRAIN, range(0, count * 2 // 3)), (TEST, range(count * 2 // 3, count))):
     for character in characters:
         folder = split / f"character{character:04d}"
         folder.mkdir(parents=True)

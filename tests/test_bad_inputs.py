@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import FIXTURE_NPZ
 from run_records import driver_status, error_lines
 
 from experiments import engine, few_shot, redraw, synthetic
@@ -18,7 +18,7 @@ from experiments.cli import seed_value
 from msr.data import load_omniglot
 from msr.data.episodes import ImageClasses
 
-NPZ = SHARED / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
+NPZ = FIXTURE_NPZ
 DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": redraw.main}
 
 
@@ -136,7 +136,7 @@ def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):
 
 
 def _npz(path: Path, **changes) -> Path:
-    """The shared Omniglot arrays, with ``changes``."""
+    """The fixture Omniglot arrays, with ``changes``."""
     with np.load(NPZ) as data:
         arrays = {key: data[key] for key in data.files}
     np.savez_compressed(path, **{**arrays, **changes})

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import FIXTURE_NPZ
 from torch.utils.data import DataLoader
 
 from msr import MAML, TaskBatch
@@ -10,7 +10,7 @@ from msr.data import EpisodeDataset, augment_images, load_omniglot, sample_episo
 from msr.models import conv4
 from msr.streams import keyed_generator
 
-NPZ = SHARED / "data" / "omniglot" / "omniglot_28x28_lanczos.npz"
+NPZ = FIXTURE_NPZ
 
 
 @pytest.fixture(scope="module")

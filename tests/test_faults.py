@@ -88,7 +88,7 @@ def test_few_shot_refuses_a_non_empty_out_too(tmp_path):
     "arguments, message",
     [
         (("--data", "/nonexistent"), "/nonexistent is neither an Omniglot .npz file nor"),
-        (("--ways", "5000"), "ways=5000 exceeds the 4112 classes available"),
+        (("--ways", "5000"), "ways=5000 exceeds the 48 classes available"),
         (("--shots", "50"), "shots + queries = 52 exceeds the 20 images per class"),
     ],
 )

@@ -9,9 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import FIXTURE_NPZ, REPO_ROOT
 from run_records import assert_redraw_reproduces, driver_status
 
+import msr
 from experiments import engine, few_shot
 from experiments.presets import FEW_SHOT
 
@@ -157,6 +158,10 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
         "symmetry_protonet_omniglot_5w1s_s0.png",
     ]
     assert_redraw_reproduces(grid_run, figures)
+    # the model file carries the choice: msr.load's learner evaluates at it by default
+    loaded = msr.load(grid_run / "model_maml_omniglot_5w1s_s0.pt")
+    assert loaded.test_inner_steps == maml["test_inner_steps"] and loaded.inner_steps == 1
+    assert msr.load(grid_run / "model_protonet_omniglot_5w1s_s0.pt").ways == 5
     chosen = str(maml["test_inner_steps"])
     _run("--methods", "maml", "--preset", "tiny", "--test-inner-steps", chosen, "--out", fixed_run)
     (fixed,) = json.loads((fixed_run / "results.json").read_text())["runs"]
@@ -179,7 +184,7 @@ def test_bad_test_time_grids_and_presets_are_usage_errors(tmp_path):
 
 def test_augment_none_leaves_only_the_meta_training_queries_plain():
     cpu, cfg = torch.device("cpu"), FEW_SHOT["omniglot"]["tiny"]
-    args = argparse.Namespace(dataset="omniglot", data=few_shot.DEFAULT_DATA["omniglot"])
+    args = argparse.Namespace(dataset="omniglot", data=FIXTURE_NPZ)
     tags = {"method": "maml", "dataset": "omniglot", "ways": 5, "shots": 1, "seed": 0}
     train = few_shot.load_splits("omniglot", args.data, cfg.image_size, cpu)[0].flat.flatten(1)
 

@@ -6,20 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import FIXTURE_NPZ, FIXTURE_OMNIGLOT
 from PIL import Image
 
 from msr.data import augment_images, load_miniimagenet, load_omniglot, sample_episodes
 from msr.data.episodes import ImageClasses
 
-OMNIGLOT = SHARED / "data" / "omniglot"
-NPZ = OMNIGLOT / "omniglot_28x28_lanczos.npz"
+NPZ = FIXTURE_NPZ
+ZIPS = FIXTURE_OMNIGLOT / "zips"  # real drawings of 3 background and 1 evaluation characters
 
 
 def _extract_characters(tmp_path: Path, members: int) -> Path:
     """The first ``members`` characters of the standard background zip, as folders."""
     root = tmp_path / "omniglot"
-    with zipfile.ZipFile(OMNIGLOT / "standard_layout" / "images_background.zip") as archive:
+    with zipfile.ZipFile(ZIPS / "images_background.zip") as archive:
         names = sorted(n for n in archive.namelist() if n.endswith(".png"))
         wanted = sorted({n.rsplit("/", 1)[0] for n in names})[:members]
         for name in names:
@@ -28,13 +28,20 @@ def _extract_characters(tmp_path: Path, members: int) -> Path:
     return root
 
 
-def test_npz_splits_have_the_documented_sizes():
-    background = load_omniglot(NPZ, "background")
+@pytest.mark.full_data
+def test_npz_splits_have_the_documented_sizes(full_omniglot):
+    npz = full_omniglot / "omniglot_28x28_lanczos.npz"
+    background = load_omniglot(npz, "background")
     assert background.images.shape == (964, 20, 1, 28, 28)
-    assert load_omniglot(NPZ, "evaluation").num_classes == 659
-    train = load_omniglot(NPZ, "vinyals-train")
+    assert load_omniglot(npz, "evaluation").num_classes == 659
+    train = load_omniglot(npz, "vinyals-train")
     assert train.num_classes == 4112 and train.names[1] == "Angelic/character01/rot090"
-    assert load_omniglot(NPZ, "vinyals-test").num_classes == 1692
+    assert load_omniglot(npz, "vinyals-test").num_classes == 1692
+
+
+def test_the_fixture_splits_hold_real_rotated_characters():
+    train = load_omniglot(NPZ, "vinyals-train")
+    assert train.num_classes == 48 and train.names[1].endswith("/rot090")
     # ink = 1 on a mostly empty page; rotated classes are exact quarter turns
     assert train.images.min() >= 0.0 and train.images.max() <= 1.0
     assert train.images.mean() < 0.3
@@ -53,8 +60,8 @@ def test_folder_layout_matches_the_npz(tmp_path):
     index = npz.names.index("Alphabet_of_the_Magi/character01")
     # same pixels as the npz (both LANCZOS 105 -> 28, up to 8-bit rounding of the npz)
     assert (classes.images[0] - npz.images[index]).abs().max() < 1.5 / 255
-    with pytest.raises(ValueError, match="character Angelic/character01 of the vinyals-train"):
-        load_omniglot(root, "vinyals-train", splits_dir=OMNIGLOT / "splits" / "vinyals")
+    with pytest.raises(ValueError, match=r"character .* of the vinyals-train"):
+        load_omniglot(root, "vinyals-train", splits_dir=FIXTURE_OMNIGLOT / "splits" / "vinyals")
     with pytest.raises(ValueError, match="holds no evaluation characters"):
         load_omniglot(root, "evaluation")
 

@@ -155,3 +155,17 @@ def test_a_drivers_model_file_loads_without_the_drivers(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["MAML", "1", "18"]
     assert msr.saving.read(model)["tags"]["method"] == "msr"  # the driver's fields beside it
+
+
+def test_a_learners_test_time_inner_steps_travel_with_its_model_file(tmp_path):
+    maml = MAML(nn.Sequential(MSRLinear(4, 3, latent=2)), F.mse_loss, test_inner_steps=5)
+    loaded = msr.load(msr.save(maml, tmp_path / "model.pt"))
+    assert loaded.test_inner_steps == 5 and loaded.inner_steps == 1
+    x = torch.randn(2, 3, 4)
+    tasks = TaskBatch(x[:, :1], x[:, :1, :3], x[:, 1:], x[:, 1:, :3])
+    assert torch.equal(
+        loaded.evaluate(tasks)["loss"], loaded.evaluate(tasks, inner_steps=5)["loss"]
+    )
+    assert not torch.equal(
+        loaded.evaluate(tasks)["loss"], maml.evaluate(tasks, inner_steps=1)["loss"]
+    )

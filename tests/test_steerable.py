@@ -3,19 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import FIXTURES
 
 from msr import MSRConv2d, bases
 from msr.groups import get_group
 from msr.symmetry import equivariance_error, principal_angles
 
-E2CNN_BASES = SHARED / "reference" / "e2cnn_c8_d8_bases.npz"
+E2CNN_BASES = FIXTURES / "e2cnn_c8_d8_bases.npz"
 
 
 @pytest.fixture(scope="module")
 def e2cnn():
     if not E2CNN_BASES.exists():
-        pytest.fail(f"{E2CNN_BASES} is missing: the shared/ folder must sit beside the project")
+        pytest.fail(f"{E2CNN_BASES} is missing: see tests/data/README.md")
     with np.load(E2CNN_BASES) as npz:
         return {key: torch.from_numpy(npz[key]) for key in npz.files}
 

@@ -6,7 +6,7 @@ from msr.data.episodes import ImageClasses, check_episodes, sample_episodes
 from msr.data.fingerprint import fingerprint
 from msr.data.loader import EpisodeDataset
 from msr.data.miniimagenet import load_miniimagenet
-from msr.data.omniglot import OMNIGLOT_SPLITS, load_omniglot
+from msr.data.omniglot import OMNIGLOT_SPLITS, find_omniglot, load_omniglot
 
 __all__ = [
     "OMNIGLOT_SPLITS",
@@ -14,6 +14,7 @@ __all__ = [
     "ImageClasses",
     "augment_images",
     "check_episodes",
+    "find_omniglot",
     "fingerprint",
     "load_miniimagenet",
     "load_omniglot",

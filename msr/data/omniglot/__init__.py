@@ -10,6 +10,7 @@ rotation (0, 90, 180, 270 degrees) is its own class. Images are returned with in
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from msr.data.episodes import ImageClasses
 from msr.data.images import read_image, unit_pixels
+from msr.data.locations import find_data, where_searched
 
 OMNIGLOT_SPLITS = (
     "background",
@@ -29,6 +31,21 @@ OMNIGLOT_SPLITS = (
 )
 NPZ_KEYS = ("images", "alphabet_index", "character_in_alphabet", "split", "alphabet_names")
 OFFICIAL_FOLDERS = ("images_background", "images_evaluation")
+ARRAY_PATH = "omniglot/omniglot_28x28_lanczos.npz"  # under a data root (msr.data.locations)
+GET_IT = "python -m msr.data.omniglot download (or: convert DIR, for the zips you have)"
+
+
+def find_omniglot(extra_roots: Sequence[Path] = ()) -> Path:
+    """The Omniglot array file found by the data rule (``msr.data.locations``: ``$MSR_DATA``,
+    the cache folder, then ``extra_roots``); a ``FileNotFoundError`` saying where it looked and
+    the command that gets the data."""
+    found = find_data(ARRAY_PATH, extra_roots)
+    if found is None:
+        raise FileNotFoundError(
+            f"no Omniglot data in {where_searched(ARRAY_PATH, extra_roots)}: get it with "
+            f"{GET_IT}, or set MSR_DATA to the folder that holds omniglot/"
+        )
+    return found
 
 
 def load_omniglot(
