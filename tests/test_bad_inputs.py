@@ -150,23 +150,26 @@ def _with(arrays_key: str, index: int, value: int) -> np.ndarray:
     return changed
 
 
+with np.load(NPZ) as _fixture:  # the fixture's sizes, which the messages name
+    CHARACTERS, ALPHABETS = len(_fixture["images"]), len(_fixture["alphabet_names"])
+    SAME_AS_ROW_0 = {
+        k: _with(k, 1, _fixture[k][0]) for k in ("alphabet_index", "character_in_alphabet")
+    }
+
 NPZ_FAULTS = {  # name: (the arrays changed, what the one line says)
     "index past the alphabets": (
-        lambda: {"alphabet_index": _with("alphabet_index", 7, 50)},
-        "alphabet_index holds values outside 0 .. 49",
+        lambda: {"alphabet_index": _with("alphabet_index", 7, ALPHABETS)},
+        f"alphabet_index holds values outside 0 .. {ALPHABETS - 1}",
     ),
     "unknown split": (lambda: {"split": _with("split", 0, 2)}, "split holds values outside 0 .. 1"),
     "too few indices": (
         lambda: {"character_in_alphabet": np.ones(5, np.int16)},
-        "character_in_alphabet must hold one integer per character (1623)",
+        f"character_in_alphabet must hold one integer per character ({CHARACTERS})",
     ),
-    "duplicate": (
-        lambda: {"character_in_alphabet": _with("character_in_alphabet", 1, 1)},
-        "two rows name the same alphabet and character",
-    ),
+    "duplicate": (lambda: SAME_AS_ROW_0, "two rows name the same alphabet and character"),
     "32x32": (
-        lambda: {"images": np.zeros((1623, 20, 32, 32), np.uint8)},
-        "images has shape (1623, 20, 32, 32), not (characters, drawings, 28, 28)",
+        lambda: {"images": np.zeros((CHARACTERS, 20, 32, 32), np.uint8)},
+        f"images has shape ({CHARACTERS}, 20, 32, 32), not (characters, drawings, 28, 28)",
     ),
 }
 

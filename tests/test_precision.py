@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.few_shot_step import benchmark_config, omniglot_train
+from benchmarks.few_shot_step import benchmark_config
 from benchmarks.precision import (
     TF32_DROPPED_BITS,
     compare,
@@ -13,6 +13,7 @@ from benchmarks.precision import (
     tf32_emulation,
     within_tolerance,
 )
+from experiments.few_shot import load_splits
 
 NAMES = ("fp64", "tf32 (emulated)", "next meta-batch")
 
@@ -60,14 +61,12 @@ def test_tf32_emulation_rounds_conv_inputs_and_the_gradient_into_the_conv():
     assert second.isfinite().all() and second.abs().sum() > 0
 
 
-@pytest.fixture(scope="module")
-def omniglot_on_cpu():
-    return omniglot_train(torch.device("cpu"))
-
-
+@pytest.mark.full_data  # how far meta-batches of the whole data set differ: not the fixture's
 @pytest.mark.parametrize("method", ["maml", "msr"])
-def test_emulated_tf32_moves_the_meta_gradient_within_the_tolerance(method, omniglot_on_cpu):
+def test_emulated_tf32_moves_the_meta_gradient_within_the_tolerance(method, full_omniglot):
     cfg = benchmark_config(torch.device("cpu"), full=False)
+    npz = full_omniglot / "omniglot_28x28_lanczos.npz"
+    omniglot_on_cpu = load_splits("omniglot", npz, 28, torch.device("cpu"))[0]
     changes = compare(method, cfg, omniglot_on_cpu, NAMES)
     assert within_tolerance(changes, "tf32 (emulated)"), changes
     assert changes["tf32 (emulated)"] > 100 * changes["fp64"], changes  # it did round
