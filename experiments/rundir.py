@@ -136,10 +136,14 @@ def _refuse_links(out: Path) -> None:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporary files (``.<name>.*.tmp``, see ``msr._files.write_atomically``)
-    that a write killed midway left in ``out``: the lock is ours, so no write is under way."""
+    """Remove the temporary files (``.<run output>.<random>.tmp``, see
+    ``msr._files.write_atomically``) that a write killed midway left in ``out``: the lock is
+    ours, so no write is under way."""
     for name in os.listdir(out):
-        if name.startswith(".") and name.endswith(".tmp") and (out / name).is_file():
+        if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+            continue
+        written = name[1:].rsplit(".", 2)[0]  # the file the write was replacing
+        if any(fnmatch.fnmatchcase(written, p) for p in RUN_OUTPUTS) and (out / name).is_file():
             (out / name).unlink()
 
 

@@ -170,6 +170,16 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
+def started_rank1(launcher_pid: int, private: Path) -> int:
+    """The pid of rank 1 once it holds its private folder (both ranks have started)."""
+    deadline = time.monotonic() + 120
+    while not list(private.glob("msr-rank1-*/.lock")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rank1 = _rank_pid(launcher_pid, 1)
+    assert rank1 is not None
+    return rank1
+
+
 def _checkpoint_steps(out: Path) -> list[int]:
     return [torch.load(path, weights_only=True)["step"] for path in out.glob("model_*.pt")]
 
@@ -202,11 +212,7 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
     # the uninterrupted run above did.
     stopped = tmp_path / "stopped"
     launcher = _launch(pair, stopped, private, "--steps", LONG_STEPS, wait=False)
-    deadline = time.monotonic() + 120
-    while not list(private.glob("msr-rank1-*/.lock")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    rank1 = _rank_pid(launcher.pid, 1)
-    assert rank1 is not None
+    rank1 = started_rank1(launcher.pid, private)
     signal_sent = time.monotonic()
     os.kill(rank1, signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)

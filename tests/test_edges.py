@@ -114,8 +114,9 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / ".results.json.k3j2_x.tmp").write_text("half a file")
+    (out / ".notes.tmp").write_text("yours")
     _claim(out)
-    assert os.listdir(out) == []
+    assert os.listdir(out) == [".notes.tmp"]
 
 
 def test_a_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):
@@ -434,15 +435,12 @@ def _cmdline(pid):
         return b""
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_killed_or_frozen_torchrun_rank_ends_the_run_with_one_line(tmp_path, how):
     """A frozen rank blocked the other for gloo's 30-minute default; a killed one gave a
     traceback of gloo's 'Connection reset by peer' and left its private folder behind."""
-    from test_distributed import _rank_pid
+    from test_distributed import TORCHRUN, started_rank1
 
     private = tmp_path / "private"
     private.mkdir()
@@ -454,11 +452,7 @@ def test_a_killed_or_frozen_torchrun_rank_ends_the_run_with_one_line(tmp_path, h
         cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list(private.glob("msr-rank1-*/.lock")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    rank1 = _rank_pid(launcher.pid, 1)
-    assert rank1 is not None
+    rank1 = started_rank1(launcher.pid, private)
     sent = time.monotonic()
     os.kill(rank1, how)
     try:
