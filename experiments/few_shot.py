@@ -471,7 +471,7 @@ class FewShot(Experiment):
             )
         lines += [
             "",
-            "The adapted networks on held-out test episodes (#27): per transform the logits'"
+            "The adapted networks on held-out test episodes: per transform the logits'"
             " invariance error (predictions kept); the ends of the support-loss Hessian's"
             " spectrum in the fast parameters, plain and lr-scaled (one step is stable below 2)"
             " and support loss before -> after one step:",

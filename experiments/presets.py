@@ -4,7 +4,7 @@
 checkpoints); each experiment adds its own fields in a subclass. A preset is a named instance;
 ``--steps``, ``--inner-lr`` and ``--batching`` override one field of it. Each says its scale
 relative to the paper's protocol. ``--set FIELD=VALUE`` overrides any field (e.g. the sweeps of
-docs/results.md: ``--set hidden=64 inner_steps=2``); ``RunConfig.__post_init__`` checks every
+docs/notes.md: ``--set hidden=64 inner_steps=2``); ``RunConfig.__post_init__`` checks every
 value, whichever way it came.
 """
 
@@ -92,7 +92,8 @@ class FewShotConfig(RunConfig):
     selection_tasks: int = 600
     analysis_tasks: int = 50  # held-out episodes of the symmetry and conditioning analysis
     # the meta-training query sets: "queries" augmented (Aug-Omniglot, the paper's) or "none"
-    # (#27's ablation); validation, test and analysis episodes are augmented either way
+    # (docs/results.md's ablation); validation, test and analysis episodes are augmented
+    # either way
     augment: str = "queries"
     # MSR's Kronecker factors start at the identity plus N(0, symmetry_init_noise^2) entries
     symmetry_init_noise: float = 0.0
@@ -165,7 +166,7 @@ FEW_SHOT = {
         "cpu": FewShotConfig(
             steps=3000, eval_every=1000, checkpoint_every=250, hidden=32, meta_batch=8, queries=5
         ),
-        # the budget of the reimplementation in shared/reference/msr_facts.md, about 43 min per
+        # the budget of an independent reimplementation (docs/notes.md), about 43 min per
         # method on one core: 1/5 of the steps, 1/8 of the tasks per step, 1/3 of the queries
         # (1/120 of the query images) and half the channels
         "cpu-long": FewShotConfig(

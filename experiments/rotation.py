@@ -55,7 +55,7 @@ PROTOCOLS = ("paper", "swept")
 NUM_TASKS = {"c8": 10_000, "d8": 2_000, "c4": 10_000, "d4": 2_000}  # as in the paper's data
 # The paper's Table 2 (meta-test MSE on C8 / D8; it gives no intervals).
 PAPER_TABLE2 = {"MAML-Conv": {"c8": 0.504, "d8": 0.507}, "MSR-Conv": {"c8": 0.004, "d8": 0.001}}
-# The authors' own code on the same data, run here (shared/reference/msr_facts.md, seed 0):
+# The authors' own code (AllanYangZhou/metalearning-symmetries) on the same data, run here, seed 0:
 # (protocol, method, group) -> (MSE, 95% CI); for "swept" their code started MAML-Conv at 10
 # (C8) / 25 (D8) and MSR-Conv at 10 / 20, chosen by hand.
 AUTHORS_CODE = {

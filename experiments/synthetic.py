@@ -7,7 +7,7 @@ Trains each (method, k) with second-order MAML on the same streamed tasks, evalu
 held-out tasks, and writes (through ``experiments.engine``) DIR/metrics.jsonl, DIR/results.json,
 DIR/model_<method>_k<k>_s<seed>.pt and DIR/U_<method>_k<k>_s<seed>.png (the learned sharing
 pattern and the adapted weight of a test task), then prints a Markdown table beside the paper's
-numbers. Data, models and protocol: ``shared/reference/msr_facts.md``.
+numbers. Data, models and protocol: docs/results.md, Table 1.
 """
 
 from __future__ import annotations

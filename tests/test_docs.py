@@ -71,3 +71,24 @@ def test_a_reference_to_a_missing_object_is_reported():
     module.helper = lambda: None
     module.helper.__module__, module.helper.__doc__ = "msr_fake", "Uses msr.MAML.meta_loss."
     assert docs.broken_references([module]) == ["msr_fake: msr.bases.no_such_basis"]
+
+
+def test_user_facing_text_names_no_issue_and_no_development_folder():
+    """Users see neither the tracker's issue numbers nor the development machines' reference
+    folder: the README, the guide and the CHANGELOG, and no file of the package or drivers."""
+    pages = [
+        REPO_ROOT / "README.md",
+        REPO_ROOT / "CHANGELOG.md",
+        *(REPO_ROOT / "docs").glob("*.md"),
+    ]
+    issue = re.compile(r"(?<![\w&])#\d+\b")
+    assert {
+        p.name: issue.findall(p.read_text()) for p in pages if issue.search(p.read_text())
+    } == {}
+    sources = [
+        p
+        for d in ("msr", "experiments", "synthetic", "notebooks", "scripts")
+        for p in (REPO_ROOT / d).rglob("*")
+        if p.suffix in (".py", ".sh", ".ipynb", ".md", ".txt")
+    ]
+    assert [p.name for p in pages + sources if "shared/reference" in p.read_text()] == []
