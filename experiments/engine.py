@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from experiments import compare
 from experiments.cli import (
     Stopped,
     parse,
@@ -101,6 +102,8 @@ class Experiment:
     default_preset = "quick"
     metric = "mse"  # the results field averaged over seeds
     metric_label = "MSE"  # its name in the printed tables
+    higher_is_better = False
+    proposed: str | None = None  # the method the others are compared with over seeds
     metric_to_board = 1.0  # times the metric is its TensorBoard value (accuracy: a fraction)
     figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
 
@@ -200,6 +203,10 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
     )
     if len(args.seeds) > 1:
         print(seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
+        if any(run["method"] == experiment.proposed for run in results["runs"]):
+            metric, better = experiment.metric, experiment.higher_is_better
+            pooled = compare.pool_runs([(str(args.out), results)], metric, better)
+            print("\n".join(compare.comparison_lines(pooled, experiment.proposed, args.methods)))
     print("\n".join(lines))
     print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
     return results

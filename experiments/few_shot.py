@@ -252,6 +252,8 @@ class FewShot(Experiment):
     default_preset = "cpu"
     metric = "accuracy"
     metric_label = "accuracy (%)"
+    higher_is_better = True
+    proposed = "msr"
     metric_to_board = 0.01
     figure_prefix = "symmetry"
 

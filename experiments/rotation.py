@@ -101,6 +101,7 @@ class Rotation(Experiment):
     description = __doc__.split("\n")[0]
     presets = ROTATION
     config_type = RotationConfig
+    proposed = "MSR-Conv"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

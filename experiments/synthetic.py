@@ -74,6 +74,7 @@ class Synthetic(Experiment):
     name = "synthetic"
     description = __doc__.split("\n")[0]
     presets = SYNTHETIC
+    proposed = "MSR-FC"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

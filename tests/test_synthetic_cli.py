@@ -128,6 +128,10 @@ def test_cli_several_seeds_report_each_seed_an_aggregate_and_the_oracle_floor(tm
     assert floors[7]["floor"] == mse[ORACLE, 7] and floors[7]["msr_fc"] == mse["MSR-FC", 7]
     assert "MSE mean ± between-seed std" in done.stdout and "Seed 7:" in done.stdout
     assert "MSR-FC k=5 seed 4: " in done.stdout and "vs oracle floor" in done.stdout
+    # the paired comparison over seeds; a lower MSE is better, so the difference is b - a
+    assert "Over seeds (difference: MSR-FC better when positive):" in done.stdout
+    gaps = [mse[ORACLE, s] - mse["MSR-FC", s] for s in (4, 7)]
+    assert f"| MSR-FC vs {ORACLE} | 2 | {gaps[0]:+.4f}, {gaps[1]:+.4f} |" in done.stdout
     # one seed alone gives the same numbers as inside the several-seed run
     alone = out.parent / "alone"
     single = [*command[:-5], "--seed", "7", "--out", str(alone)]

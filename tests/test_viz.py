@@ -24,6 +24,20 @@ def test_fractional_curves_keep_the_default_ticks():
     assert ax.get_title() == "short"
 
 
+def test_curves_draw_error_bars_where_given_and_refuse_mismatched_ones():
+    curves = {"msr": {0: 90.4, 1: 91.1}, "maml": {0: 89.2, 1: 88.7}}
+    figure = viz.plot_curves(curves, "seed", "accuracy (%)", errors={"msr": {0: 0.8, 1: 0.7}})
+    ax = figure.axes[0]
+    bars, no_bars = ax.containers[0].lines[2], ax.containers[1].lines[2]
+    ends = [y for segment in bars[0].get_segments() for y in segment[:, 1]]
+    assert ends == pytest.approx([89.6, 91.2, 90.4, 91.8])
+    assert no_bars == () and [t for t in ax.get_xticks() if 0 <= t <= 1] == [0, 1]
+    with pytest.raises(ValueError, match="not drawn"):
+        viz.plot_curves(curves, "seed", "y", errors={"protonet": {0: 1.0, 1: 1.0}})
+    with pytest.raises(ValueError, match="x values"):
+        viz.plot_curves(curves, "seed", "y", errors={"msr": {0: 1.0}})
+
+
 def _colour_bars(figure):
     return [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
 

@@ -1,0 +1,280 @@
+"""Is a method's lead beyond seed noise? Paired comparisons over the seeds of finished runs.
+
+    python -m experiments.compare DIR [DIR ...] [--method msr] [--against maml protonet] \
+        [--figures FOLDER]
+
+Reads DIR/results.json of any driver (several folders pool their seeds; a folder whose run is
+still going counts the jobs it has finished). Within each column (the preset and the jobs' tags
+but method and seed) it pairs ``--method``'s job with each ``--against`` method's job of the same
+seed: a driver evaluates every method of a seed on the same test tasks, so the pairs share their
+episodes. Printed as Markdown: the per-seed table; over seeds, the per-seed differences (positive:
+``--method`` is better), their mean ± 95% t-interval, the exact sign and Wilcoxon signed-rank
+p-values and a verdict (``msr.stats.PairedComparison``); where the runs keep each test task's
+value (the few-shot driver's ``test_accuracy_by_episode``), the same paired test over the
+episodes of each seed. ``--figures`` draws each column's per-seed values with their CIs, one
+line per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from experiments.cli import run_cli
+from experiments.rundir import RunError
+from experiments.runfiles import read_results, save_figure
+from msr import viz
+from msr.stats import PairedComparison, compare_paired, mean_ci95
+
+DIGITS = {"accuracy": 1, "mse": 4}  # as the drivers print them
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table: the jobs of one preset and tags, every method and seed."""
+
+    preset: str
+    tags: tuple[tuple[str, Any], ...]  # the jobs' tags but method and seed
+
+    @property
+    def label(self) -> str:
+        return ", ".join([*(f"{k} {v}" for k, v in self.tags), f"preset {self.preset}"])
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """The runs of one or more results.json files, by column, method and seed."""
+
+    metric: str
+    higher_is_better: bool
+    runs: Mapping[Column, Mapping[str, Mapping[int, Mapping[str, Any]]]]
+
+
+def pool_runs(
+    sources: Sequence[tuple[str, Mapping[str, Any]]], metric: str, higher_is_better: bool
+) -> Pooled:
+    """Every finished job of the (folder name, results.json contents) ``sources`` by column,
+    method and seed; a job in two sources, or a column run with two configurations, is a
+    ``RunError``."""
+    runs: dict[Column, dict[str, dict[int, dict[str, Any]]]] = {}
+    where: dict[tuple, str] = {}
+    configs: dict[Column, tuple[dict[str, Any], str]] = {}
+    for folder, results in sources:
+        tags = _tag_names(results) - {"method", "seed"}
+        for run in results.get("runs", []):
+            if metric not in run:
+                raise RunError(f"{folder}: a job without {metric!r}: {run.get('method')}")
+            column = Column(results["preset"], tuple((k, v) for k, v in run.items() if k in tags))
+            config, first = configs.setdefault(column, (results["config"], folder))
+            if config != results["config"]:
+                raise RunError(
+                    f"{first} and {folder} ran {column.label} with different configurations: "
+                    "compare them separately"
+                )
+            key = (column, run["method"], run["seed"])
+            if key in where:
+                raise RunError(
+                    f"{run['method']} seed {run['seed']} ({column.label}) is in both "
+                    f"{where[key]} and {folder}: pass one of them"
+                )
+            where[key] = folder
+            runs.setdefault(column, {}).setdefault(run["method"], {})[run["seed"]] = run
+    if not runs:
+        raise RunError(f"no finished job in {', '.join(name for name, _ in sources)}")
+    return Pooled(metric, higher_is_better, runs)
+
+
+def _tag_names(results: Mapping[str, Any]) -> set[str]:
+    """The tags of a run's jobs: the keys of its seed aggregate that are not statistics."""
+    statistic = re.compile(r"^(seeds|.*_per_seed|.*_mean|.*_std_between_seeds)$")
+    return {k for row in results.get("aggregate", []) for k in row if not statistic.match(k)}
+
+
+def paired(
+    pooled: Pooled, column: Column, method: str, other: str, by: str | int
+) -> PairedComparison:
+    """``method`` against ``other`` in ``column``, over their common seeds (``by="seed"``) or
+    over the test episodes of one seed (``by`` = that seed): positive differences favour
+    ``method``."""
+    ours, theirs = pooled.runs[column][method], pooled.runs[column][other]
+    if by == "seed":
+        seeds = sorted(set(ours) & set(theirs))
+        a = [ours[s][pooled.metric] for s in seeds]
+        b = [theirs[s][pooled.metric] for s in seeds]
+    else:
+        field = f"test_{pooled.metric}_by_episode"
+        a, b = ours[by][field], theirs[by][field]
+    return compare_paired(a, b) if pooled.higher_is_better else compare_paired(b, a)
+
+
+def comparison_lines(pooled: Pooled, method: str, against: Sequence[str]) -> list[str]:
+    """The Markdown report of ``method`` against each of ``against``, column by column."""
+    digits = DIGITS.get(pooled.metric, 4)
+    lines: list[str] = []
+    for column, methods in pooled.runs.items():
+        if method not in methods:
+            continue
+        others = [m for m in against if m in methods and m != method]
+        seeds = sorted({s for runs in methods.values() for s in runs})
+        lines += [f"\n### {column.label}\n", *_seed_table(methods, seeds, pooled.metric, digits)]
+        lines += ["", *_paired_over_seeds(pooled, column, method, others, digits)]
+        lines += ["", *_paired_over_episodes(pooled, column, method, others, digits)]
+    if not lines:
+        raise RunError(f"no column has a {method!r} job")
+    return lines
+
+
+def _seed_table(
+    methods: Mapping[str, Mapping[int, Mapping[str, Any]]],
+    seeds: list[int],
+    metric: str,
+    digits: int,
+) -> list[str]:
+    """Per method: each seed's value ± its CI (the chosen test-time steps in brackets), and the
+    mean over seeds ± its 95% t-interval."""
+    lines = [
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± 95% CI over seeds |",
+        "| --- " * (len(seeds) + 2) + "|",
+    ]
+    for name, runs in methods.items():
+        cells = []
+        for seed in seeds:
+            run = runs.get(seed)
+            steps = run and run.get("test_inner_steps")
+            cells.append(
+                "—"
+                if run is None
+                else f"{run[metric]:.{digits}f} ± {run['ci95']:.{digits}f}"
+                + (f" ({steps})" if steps else "")
+            )
+        values = [r[metric] for r in runs.values()]
+        over = (
+            f"{statistics.fmean(values):.{digits}f} ± {mean_ci95(values)[1]:.{digits}f} "
+            f"({len(values)} seeds)"
+            if len(values) > 1
+            else "(one seed)"
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {over} |")
+    return lines
+
+
+def _paired_over_seeds(
+    pooled: Pooled, column: Column, method: str, others: list[str], digits: int
+) -> list[str]:
+    lines = [
+        f"Over seeds (difference: {method} better when positive):",
+        "",
+        "| comparison | seeds | per seed | mean ± 95% CI | better / worse / tied | sign test p "
+        "| Wilcoxon p | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for other in others:
+        runs = pooled.runs[column]
+        seeds = sorted(set(runs[method]) & set(runs[other]))
+        if len(seeds) < 2:
+            lines.append(
+                f"| {method} vs {other} | {len(seeds)} | — | — | — | — | — | too few seeds |"
+            )
+            continue
+        result = paired(pooled, column, method, other, "seed")
+        sign = 1 if pooled.higher_is_better else -1
+        per_seed = ", ".join(
+            f"{sign * (runs[method][s][pooled.metric] - runs[other][s][pooled.metric]):+.{digits}f}"
+            for s in seeds
+        )
+        lines.append(
+            f"| {method} vs {other} | {len(seeds)} | {per_seed} | "
+            f"{result.mean_difference:+.{digits}f} ± {result.ci95:.{digits}f} | "
+            f"{result.above} / {result.below} / {result.ties} | {result.sign_test_p:.3g} | "
+            f"{result.wilcoxon_p:.3g} | {result.verdict} |"
+        )
+    return lines
+
+
+def _paired_over_episodes(
+    pooled: Pooled, column: Column, method: str, others: list[str], digits: int
+) -> list[str]:
+    field = f"test_{pooled.metric}_by_episode"
+    runs = pooled.runs[column]
+    rows = []
+    for other in others:
+        for seed in sorted(set(runs[method]) & set(runs[other])):
+            if field not in runs[method][seed] or field not in runs[other][seed]:
+                continue
+            result = paired(pooled, column, method, other, seed)
+            rows.append(
+                f"| {method} vs {other} | {seed} | {result.count} | "
+                f"{result.mean_difference:+.{digits}f} ± {result.ci95:.{digits}f} | "
+                f"{result.above} / {result.below} / {result.ties} | {result.wilcoxon_p:.3g} | "
+                f"{result.verdict} |"
+            )
+    if not rows:
+        return []
+    return [
+        "Within each seed, over its test episodes (the same episodes for both methods):",
+        "",
+        "| comparison | seed | episodes | mean ± 95% CI | better / worse / tied | Wilcoxon p "
+        "| verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+
+
+def draw_seeds(pooled: Pooled, column: Column, label: str) -> Any:
+    """A figure of ``column``: each method's value per seed with its 95% CI, one line each."""
+    methods = pooled.runs[column]
+    curves = {m: {s: r[pooled.metric] for s, r in runs.items()} for m, runs in methods.items()}
+    errors = {m: {s: r["ci95"] for s, r in runs.items()} for m, runs in methods.items()}
+    return viz.plot_curves(curves, "seed", label, column.label, errors=errors)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    from experiments.redraw import EXPERIMENTS  # the drivers import the engine, which imports us
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="run folders (their results.json)")
+    parser.add_argument("--method", help="the method compared (default: the driver's MSR)")
+    parser.add_argument(
+        "--against", nargs="+", help="the methods it is compared with (default: all)"
+    )
+    parser.add_argument("--figures", type=Path, help="draw seeds_<column>.png into this folder")
+    args = parser.parse_args(argv)
+    sources = [(str(f), read_results(f / "results.json")) for f in args.folders]
+    found = {e.metric for e in EXPERIMENTS.values() for _, r in sources if _reports(r, e.metric)}
+    if len(found) != 1:
+        raise RunError(
+            f"the folders' jobs report {' and '.join(sorted(found)) or 'no known metric'}: "
+            "compare the runs of one driver"
+        )
+    metric = found.pop()
+    drivers = [e for e in EXPERIMENTS.values() if e.metric == metric]
+    pooled = pool_runs(sources, metric, drivers[0].higher_is_better)
+    methods = {m for column in pooled.runs.values() for m in column}
+    method = args.method or next((e.proposed for e in drivers if e.proposed in methods), None)
+    if method not in methods:
+        raise RunError(
+            f"--method {method!r} ran in none of the folders; they hold {sorted(methods)}"
+        )
+    against = args.against or sorted(methods - {method})
+    if unknown := set(against) - methods:
+        raise RunError(f"--against {sorted(unknown)} ran in none of the folders")
+    lines = comparison_lines(pooled, method, against)
+    print("\n".join(lines))
+    for column in pooled.runs if args.figures else ():
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", column.label).strip("-")
+        figure = draw_seeds(pooled, column, drivers[0].metric_label)
+        print(f"wrote {save_figure(figure, args.figures / f'seeds_{slug}.png')}")
+    return lines
+
+
+def _reports(results: Mapping[str, Any], metric: str) -> bool:
+    return any(metric in run for run in results.get("runs", []))
+
+
+if __name__ == "__main__":
+    run_cli(main, "experiments.compare")
