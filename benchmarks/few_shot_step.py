@@ -10,7 +10,7 @@ augmented on the device from the real Omniglot file. For MAML and MSR on each pa
 - ``vmap``: the meta-batch as one batched computation (``torch.func``);
 - ``grouped``: the meta-batch as one grouped computation, tasks folded into the channels
   (``msr.grouped``; the few-shot driver's default);
-- ``higher``: a per-task loop through ``higher``'s differentiable SGD (``msr.reference``), the
+- ``higher``: a per-task loop through ``higher``'s differentiable SGD (``msr.testing``), the
   straightforward reference;
 - ``compile``: ``torch.compile`` of the loop's outer step, where torch can compile it;
 - ``tf32`` (CUDA only): the loop with TF32 matmuls and convolutions, for its speed alone; how
@@ -47,8 +47,8 @@ from experiments.presets import FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT
 from msr import TaskBatch
 from msr.data import ImageClasses, augment_images, find_omniglot, sample_episodes
-from msr.reference import higher_meta_backward
 from msr.streams import keyed_generator
+from msr.testing import higher_meta_backward
 
 METHODS = ("maml", "msr")
 PATHS = ("loop", "vmap", "grouped", "higher", "compile", "tf32")

@@ -23,7 +23,7 @@ import torch
 from experiments.rundir import REPO_ROOT
 from experiments.synthetic import build_model
 from msr import MAML, MSRLinear, TaskBatch
-from msr.reference import higher_meta_backward
+from msr.testing import higher_meta_backward
 from synthetic.translation1d import Translation1D
 
 PATHS = ("vmap", "loop", "higher")
@@ -77,7 +77,7 @@ def peak_memory_mib(path: str, size: int) -> float:
         f"maml, _ = make()\ntasks = batch({size})\n"
         f"path = {path!r}\n"
         "if path != 'higher':\n    maml.batching = path\n"
-        "from msr.reference import higher_meta_backward\n"
+        "from msr.testing import higher_meta_backward\n"
         "base = status('VmRSS')\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "higher_meta_backward(maml, tasks) if path == 'higher' else maml.meta_backward(tasks)\n"

@@ -31,8 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from benchmarks.few_shot_step import (
     METHODS,
@@ -47,65 +45,9 @@ from experiments.few_shot import build_learner
 from experiments.presets import FewShotConfig
 from msr import TaskBatch
 from msr.data import ImageClasses
+from msr.testing import TF32_DROPPED_BITS, round_mantissa, tf32_emulation
 
-TF32_DROPPED_BITS = 13  # fp32 keeps 23 mantissa bits, TF32 10
-ROUNDED_OPS = {F.conv2d, F.linear, torch.einsum, torch.matmul}
 TOLERANCE = 0.1  # of the change to the next meta-batch (``within_tolerance``)
-
-
-def round_mantissa(x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
-    """fp32 ``x`` rounded to nearest (ties away from zero) with its lowest mantissa bits zero."""
-    if x.dtype != torch.float32 or not 0 < dropped_bits < 23:
-        raise ValueError(f"needs fp32 and 0 < dropped_bits < 23, got {x.dtype}, {dropped_bits}")
-    bits = x.detach().view(torch.int32)
-    rounded = (bits + (1 << (dropped_bits - 1))) & ~((1 << dropped_bits) - 1)
-    return rounded.view(torch.float32)
-
-
-def _rounded(x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
-    """``x``'s value rounded, its gradient passed through (differentiable to any order)."""
-    return x + (round_mantissa(x, dropped_bits) - x).detach()
-
-
-class _RoundGradient(torch.autograd.Function):
-    """Identity forward; rounds the gradient flowing back into the op below it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dropped_bits: int) -> torch.Tensor:
-        ctx.dropped_bits = dropped_bits
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _rounded(grad, ctx.dropped_bits), None
-
-
-class _TensorCoreRounding(TorchFunctionMode):
-    """Rounds the multiplied inputs of ``ROUNDED_OPS`` and the gradients of their outputs."""
-
-    def __init__(self, dropped_bits: int) -> None:
-        super().__init__()
-        self.dropped_bits = dropped_bits
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in ROUNDED_OPS:
-            return func(*args, **kwargs)
-
-        def round_input(a):
-            is_fp32 = isinstance(a, torch.Tensor) and a.dtype == torch.float32
-            return _rounded(a, self.dropped_bits) if is_fp32 else a
-
-        # the multiplied operands: all of einsum's; input and weight of the others (a bias is
-        # added in fp32 after the tensor-core product, as TF32 does)
-        multiplied = len(args) if func is torch.einsum else 2
-        args = (*map(round_input, args[:multiplied]), *args[multiplied:])
-        return _RoundGradient.apply(func(*args, **kwargs), self.dropped_bits)
-
-
-def tf32_emulation() -> contextlib.AbstractContextManager:
-    """TF32 on any device: multiplied fp32 inputs and incoming gradients rounded to 10 bits."""
-    return _TensorCoreRounding(TF32_DROPPED_BITS)
 
 
 @contextlib.contextmanager

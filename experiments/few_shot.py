@@ -59,9 +59,10 @@ from msr.data import (
     sample_episodes,
 )
 from msr.distributed import sharded_evaluate, sharded_map
+from msr.equivariance import adapted_image_symmetry
 from msr.models import conv4
+from msr.recovery import factor_singular_values
 from msr.stats import mean_ci95
-from msr.symmetry import adapted_image_symmetry, factor_singular_values
 
 METHODS = ("maml", "maml-big", "anil", "protonet", "msr")
 DATASETS = ("omniglot", "miniimagenet", "folder")
@@ -197,7 +198,7 @@ def analyze(
     learner: EpisodicLearner, tasks: TaskBatch, inner_steps: int | None, max_steps: int
 ) -> dict[str, Any]:
     """What a trained learner's adapted networks do with the augmentation's transformations, on
-    held-out ``tasks`` (``msr.symmetry.adapted_image_symmetry``: per conv block and for the
+    held-out ``tasks`` (``msr.equivariance.adapted_image_symmetry``: per conv block and for the
     logits), and for a MAML-family learner how its inner problem is conditioned: the mean
     support loss after 0..``max_steps`` inner steps, the learned inner lrs, and the ends of the
     support Hessian's spectrum in the fast parameters, plain and scaled by the lrs

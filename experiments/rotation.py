@@ -42,8 +42,8 @@ from experiments.engine import (
 from experiments.presets import ROTATION, RotationConfig
 from msr import MSRConv2d, viz
 from msr.distributed import sharded_evaluate
+from msr.equivariance import adapted_group_equivariance_error
 from msr.stats import mean_ci95
-from msr.symmetry import adapted_group_equivariance_error
 from synthetic.rotation2d import ExactGrid2D, LiftingConvTasks, Steerable2D
 
 METHODS = ("MAML-Conv", "MSR-Conv", "MSR-Conv-dense")

@@ -26,12 +26,9 @@ from experiments.engine import Experiment, Plan, Tags, build_maml, tables_per_se
 from experiments.presets import SYNTHETIC, RunConfig
 from msr import MSRLinear, bases, viz
 from msr.distributed import sharded_evaluate
+from msr.equivariance import adapted_translation_equivariance_error
+from msr.recovery import orthonormal_basis, recovery_scores
 from msr.stats import mean_ci95
-from msr.symmetry import (
-    adapted_translation_equivariance_error,
-    orthonormal_basis,
-    recovery_scores,
-)
 from synthetic.translation1d import RANKS, Translation1D
 
 METHODS = ("MAML-FC", "MAML-LC", "MAML-Conv", "MSR-FC")

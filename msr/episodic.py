@@ -45,7 +45,9 @@ class TaskBatch(NamedTuple):
         return self.x_support.shape[0]
 
     def task(self, index: int) -> "TaskBatch":
-        """The single task ``index`` (no task dimension)."""
+        """Task ``index`` alone, as a ``TaskBatch`` whose four tensors have no task dimension
+        (support inputs (examples, ...), support targets, query inputs, query targets), views of
+        this batch's tensors, not copies: e.g. ``maml.adapt(*batch.task(i)[:2])`` in a loop."""
         return TaskBatch(*(t[index] for t in self))
 
     def to(

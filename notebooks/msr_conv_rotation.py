@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from msr import MAML, MSRConv2d, viz
-from msr.symmetry import adapted_group_equivariance_error
+from msr.equivariance import adapted_group_equivariance_error
 from synthetic.rotation2d import Steerable2D
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "400"))

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from msr import MAML, MSRLinear, bases, viz
-from msr.symmetry import principal_angles, subspace_recall, translation_equivariance_error
+from msr.equivariance import translation_equivariance_error
+from msr.recovery import principal_angles, subspace_recall
 from synthetic.translation1d import Translation1D
 
 steps = int(os.environ.get("MSR_NOTEBOOK_STEPS", "2000"))

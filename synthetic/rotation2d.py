@@ -27,7 +27,7 @@ from torch import Tensor
 
 from msr import bases
 from msr.groups import Group, get_group
-from msr.symmetry import energy_share, kernel_mode_matrix, nearest_group, principal_angles
+from msr.recovery import energy_share, kernel_mode_matrix, nearest_group, principal_angles
 from msr.validation import check_positive_int
 from synthetic.pool import TaskPool
 

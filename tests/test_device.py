@@ -18,10 +18,10 @@ from conftest import REPO_ROOT
 from experiments.cli import resolve_device
 from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.equivariance import translation_equivariance_error
 from msr.groups import get_group
 from msr.models import conv4
 from msr.streams import keyed_generator
-from msr.symmetry import translation_equivariance_error
 from synthetic.rotation2d import ExactGrid2D, Steerable2D
 from synthetic.translation1d import Translation1D
 

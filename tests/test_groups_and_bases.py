@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from msr import MSRConv2d, MSRLinear, bases
+from msr.equivariance import equivariance_error
 from msr.groups import C4, D4, get_group
-from msr.symmetry import equivariance_error
 
 
 @pytest.mark.parametrize("name, order", [("c4", 4), ("d4", 8), ("c8", 8), ("d8", 16), ("d3", 6)])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msr import MAML, MSRConv2d, MSRLinear, ProtoNet, TaskBatch, TaskBatchNorm
-from msr.reference import higher_meta_backward
+from msr.testing import higher_meta_backward
 
 
 def _regression_tasks(num_tasks=4, n_support=3, n_query=5, dim=6, out=4):

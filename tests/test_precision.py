@@ -6,14 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.few_shot_step import benchmark_config
-from benchmarks.precision import (
-    TF32_DROPPED_BITS,
-    compare,
-    round_mantissa,
-    tf32_emulation,
-    within_tolerance,
-)
+from benchmarks.precision import compare, within_tolerance
 from experiments.few_shot import load_splits
+from msr.testing import TF32_DROPPED_BITS, round_mantissa, tf32_emulation
 
 NAMES = ("fp64", "tf32 (emulated)", "next meta-batch")
 

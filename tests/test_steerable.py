@@ -6,8 +6,9 @@ import torch
 from conftest import FIXTURES
 
 from msr import MSRConv2d, bases
+from msr.equivariance import equivariance_error
 from msr.groups import get_group
-from msr.symmetry import equivariance_error, principal_angles
+from msr.recovery import principal_angles
 
 E2CNN_BASES = FIXTURES / "e2cnn_c8_d8_bases.npz"
 

@@ -7,24 +7,26 @@ import torch
 from torch import nn
 
 from msr import MSRConv2d, MSRLinear, TaskBatch, bases
-from msr.groups import get_group
-from msr.symmetry import (
+from msr.equivariance import (
     adapted_group_equivariance_error,
     adapted_image_symmetry,
     adapted_translation_equivariance_error,
+    equivariance_error,
+    image_symmetry_errors,
+    transform_images,
+    translation_equivariance_error,
+)
+from msr.groups import get_group
+from msr.recovery import (
     effective_basis,
     energy_share,
-    equivariance_error,
     factor_singular_values,
     grassmann_distance,
-    image_symmetry_errors,
     kernel_mode_matrix,
     nearest_group,
     principal_angles,
     recovery_scores,
     subspace_recall,
-    transform_images,
-    translation_equivariance_error,
 )
 
 
@@ -192,3 +194,15 @@ def test_adapted_image_symmetry_averages_over_tasks_and_factor_singular_values()
     values = factor_singular_values(network)
     assert list(values) == ["0"] and values["0"]["U_out"] == pytest.approx([3.0, 2.0, 1.0])
     assert values["0"]["U_kernel"] == pytest.approx([1.0] * 9)
+
+
+def test_the_old_symmetry_module_forwards_each_name_with_a_deprecation_warning():
+    import msr.recovery
+    import msr.symmetry
+
+    with pytest.warns(DeprecationWarning, match=r"msr.symmetry.nearest_group is now msr.recovery"):
+        assert msr.symmetry.nearest_group is msr.recovery.nearest_group
+    with pytest.warns(DeprecationWarning, match="msr.equivariance.transform_images"):
+        from msr.symmetry import transform_images  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'no_such_score'"):
+        msr.symmetry.no_such_score  # noqa: B018
