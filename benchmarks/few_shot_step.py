@@ -37,18 +37,20 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from experiments.cli import resolve_device, reuse_freed_memory
 from experiments.few_shot import build_learner, data_roots_beside_checkout, load_splits
 from experiments.presets import FEW_SHOT, FewShotConfig
-from experiments.rundir import REPO_ROOT
 from msr import TaskBatch
 from msr.data import ImageClasses, augment_images, find_omniglot, sample_episodes
+from msr.devices import resolve_device, reuse_freed_memory
 from msr.streams import keyed_generator
 from msr.testing import higher_meta_backward
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # benchmarks run from the repository
 
 METHODS = ("maml", "msr")
 PATHS = ("loop", "vmap", "grouped", "higher", "compile", "tf32")

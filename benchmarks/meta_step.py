@@ -17,14 +17,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from experiments.rundir import REPO_ROOT
 from experiments.synthetic import build_model
 from msr import MAML, MSRLinear, TaskBatch
 from msr.testing import higher_meta_backward
 from synthetic.translation1d import Translation1D
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # benchmarks run from the repository
 
 PATHS = ("vmap", "loop", "higher")
 

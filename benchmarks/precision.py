@@ -40,11 +40,11 @@ from benchmarks.few_shot_step import (
     omniglot_train,
     setting_name,
 )
-from experiments.cli import resolve_device
 from experiments.few_shot import build_learner
 from experiments.presets import FewShotConfig
 from msr import TaskBatch
 from msr.data import ImageClasses
+from msr.devices import resolve_device
 from msr.testing import TF32_DROPPED_BITS, round_mantissa, tf32_emulation
 
 TOLERANCE = 0.1  # of the change to the next meta-batch (``within_tolerance``)

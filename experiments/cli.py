@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import datetime
 import math
 import os
@@ -30,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from experiments.rundir import RunError, RunFailedError, run_outputs
+from msr.devices import DEVICE_HELP, resolve_device
 
 if TYPE_CHECKING:
     from experiments.engine import Experiment
     from experiments.presets import RunConfig
 
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and the streams take
-DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -240,36 +239,6 @@ def launched_by_torchrun() -> bool:
     return torchrun_ranks() > 1
 
 
-def resolve_device(spec: str) -> torch.device:
-    """The device ``--device`` names (see ``DEVICE_HELP``), checked to exist on this machine.
-
-    On CUDA it also turns TF32 off for matmuls and cuDNN convolutions (torch allows it in
-    convolutions by default): the drivers compute in full fp32, as on the CPU.
-    """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {spec!r}; expected {DEVICE_HELP}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}); use --device cpu or auto"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s)")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        if device.index is None:  # recorded as e.g. cuda:0 in results.json
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the device
     this process trains on: on CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl, on the CPU gloo.
@@ -350,23 +319,6 @@ def share_run_files(out: Path) -> None:
     if dist.get_rank():
         for name, contents in files[0].items():  # type: ignore[union-attr]
             (out / name).write_bytes(contents)
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc serve every allocation from its heap and keep freed memory for reuse.
-
-    By default glibc maps each allocation above a threshold afresh and hands it back on free, so
-    a training step that allocates the same multi-MB tensors every time page-faults them all in
-    again: measured on a D8 meta-step (32 tasks, 48 channels), 120k minor faults and 60% of the
-    time in the kernel; with this, 66 faults and 292 -> 101 ms. The cost: the process keeps its
-    peak memory. Drivers call it at start; returns False where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _collective_failure(error: RuntimeError) -> bool:

@@ -40,7 +40,6 @@ from experiments.cli import (
     Stopped,
     parse,
     raise_if_stopped,
-    reuse_freed_memory,
     share_run_files,
     stop_signal,
 )
@@ -60,6 +59,7 @@ from experiments.runfiles import (
     write_results,
 )
 from msr import MAML, EpisodicLearner, SymmetryLayer, TaskBatch, partition_parameters
+from msr.devices import reuse_freed_memory
 from msr.distributed import (
     average_gradients,
     rank_and_world_size,

@@ -18,11 +18,9 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 from torch import nn
 
-from benchmarks.few_shot_step import benchmark_config, omniglot_train
-from benchmarks.precision import compare, within_tolerance
-from experiments.cli import resolve_device
 from msr import MAML, ProtoNet, TaskBatch
 from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.devices import resolve_device
 from msr.models import conv4
 from msr.streams import keyed_generator
 from synthetic.rotation2d import Steerable2D
@@ -118,21 +116,6 @@ def test_meta_gradients_on_cuda_equal_the_cpus_in_fp64(kind):
         _meta_gradients(learner, _tasks("cpu", torch.float64)),
     )
     assert max(errors.values()) < 1e-9, errors
-
-
-@pytest.fixture(scope="module")
-def omniglot_on_cuda():
-    return omniglot_train(CUDA)
-
-
-@cuda
-@pytest.mark.parametrize("method", ["maml", "msr"])
-def test_tf32_moves_the_paper_settings_meta_gradient_within_the_tolerance(
-    method, fp32_on_cuda, omniglot_on_cuda
-):
-    cfg = benchmark_config(CUDA, full=True)
-    changes = compare(method, cfg, omniglot_on_cuda, ("tf32", "next meta-batch"))
-    assert within_tolerance(changes, "tf32"), changes
 
 
 @cuda

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT
 
-from experiments.cli import resolve_device
 from msr import MAML, ProtoNet, TaskBatch, accuracy, bases
 from msr.data import ImageClasses, augment_images, sample_episodes
+from msr.devices import resolve_device
 from msr.equivariance import translation_equivariance_error
 from msr.groups import get_group
 from msr.models import conv4
@@ -141,7 +141,7 @@ def test_resolve_device():
 def test_drivers_refuse_cuda_where_there_is_none(tmp_path, driver, arguments):
     command = [sys.executable, "-m", driver, *arguments, "--device", "cuda", "--out", tmp_path]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--device cuda: CUDA is not available here" in done.stderr
+    assert done.returncode == 2 and "device 'cuda': CUDA is not available here" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "results.json").exists()
 
 

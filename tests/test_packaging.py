@@ -78,3 +78,29 @@ def test_the_licence_and_citation_match_the_metadata():
     assert "Meta-Learning Symmetries by Reparameterization" in citation
     changelog = (REPO_ROOT / "CHANGELOG.md").read_text()
     assert "## Unreleased" in changelog and f"## {msr.__version__}" in changelog
+
+
+def test_benchmarks_and_notebooks_use_only_public_entries_and_no_test_imports_benchmarks():
+    """benchmarks/ and notebooks/ build on the library and the experiments' own modules (their
+    learners, models and presets), never on the runner; the tests never on benchmarks/."""
+    import ast
+
+    runner = {"engine", "cli", "rundir", "runfiles", "compare", "redraw"}
+
+    def imported(path):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        return names + [
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+        ]
+
+    users = [*(REPO_ROOT / "benchmarks").glob("*.py"), *(REPO_ROOT / "notebooks").glob("*.py")]
+    internals = {
+        p.name: m
+        for p in users
+        for m in imported(p)
+        if m.split(".")[:2][-1] in runner and m.startswith("experiments")
+    }
+    assert internals == {}
+    tests = (REPO_ROOT / "tests").rglob("*.py")
+    assert [p.name for p in tests if any(m.startswith("benchmarks") for m in imported(p))] == []
