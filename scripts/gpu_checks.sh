@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_checks.sh DEST
 #
-# 1. the `cuda` tests (tests/test_cuda.py);
+# 1. the `cuda` tests (tests/library/test_cuda.py);
 # 2. how far TF32 and bf16 move the meta-gradient (python -m benchmarks.precision);
 # 3. the few-shot step benchmark at the paper's scale (python -m benchmarks.few_shot_step --full);
 # 4. the Omniglot 5-way 1-shot `paper` preset of MAML and of MSR, PAPER_SECONDS each (default
@@ -48,7 +48,7 @@ EOF
 
 echo "== cuda tests" >&2
 timeout "${TESTS_SECONDS:-180}" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
-    -m cuda tests/test_cuda.py 2>&1 | tee "$DEST/cuda_tests.log"
+    -m cuda tests/library/test_cuda.py 2>&1 | tee "$DEST/cuda_tests.log"
 
 echo "== precision" >&2
 timeout "${PRECISION_SECONDS:-45}" "$PY" -m benchmarks.precision --device "$DEVICE" \

@@ -104,3 +104,11 @@ def test_benchmarks_and_notebooks_use_only_public_entries_and_no_test_imports_be
     assert internals == {}
     tests = (REPO_ROOT / "tests").rglob("*.py")
     assert [p.name for p in tests if any(m.startswith("benchmarks") for m in imported(p))] == []
+
+
+def test_the_tests_mirror_the_code():
+    """Every test lives in the folder of what it tests: library/, runner/ or drivers/."""
+    tests = sorted((REPO_ROOT / "tests").rglob("test_*.py"))
+    folders = {p.relative_to(REPO_ROOT / "tests").parts[0] for p in tests}
+    assert folders == {"library", "runner", "drivers"}
+    assert len({p.name for p in tests}) == len(tests)  # unique names: no package files needed
