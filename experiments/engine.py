@@ -66,7 +66,7 @@ from msr.distributed import (
     shard_tasks,
     sharded_evaluate,
 )
-from msr.episodic import NonFiniteLossError as LearnerLossError
+from msr.episodic import NonFiniteLossError
 from msr.saving import architecture
 from msr.streams import keyed_generator
 
@@ -74,10 +74,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Tags = dict[str, Any]  # what names a job, e.g. {"method": "MSR-FC", "k": 1, "seed": 0}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training loss became NaN or infinite (the run, or a sweep candidate, diverged)."""
 
 
 @dataclass
@@ -555,10 +551,11 @@ def outer_steps(
         tasks = meta_batch(step)
         if world_size > 1:
             tasks = shard_tasks(tasks, rank, world_size)
+        failed = None
         try:
             losses = learner.meta_backward(tasks)
-        except LearnerLossError as error:  # the library's, naming the tasks: named by step here
-            losses = error.losses
+        except NonFiniteLossError as error:  # it names the tasks; raised below, by step, once
+            failed, losses = error, error.losses  # every rank joins the all_reduce first
         mean = losses.detach().mean()
         if world_size > 1:  # the whole meta-batch's loss, on every rank (so all stop on NaN)
             dist.all_reduce(mean)
@@ -566,8 +563,8 @@ def outer_steps(
         loss = mean.item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss {loss} at step {step} ({what}); {kept}"
-            )
+                f"non-finite training loss {loss} at step {step} ({what}); {kept}", losses
+            ) from failed
         if world_size > 1:
             average_gradients(learner)
         if learning_rate is not None:
@@ -606,13 +603,13 @@ def sweep_inner_lr(
         try:
             fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
             score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
-        except (NonFiniteLossError, LearnerLossError):  # in training, or in scoring
+        except NonFiniteLossError:  # in training, or in scoring
             score = math.nan
             advance(steps - completed)  # the progress bar counts the steps it skips
         scores[str(lr)] = score if math.isfinite(score) else None
     finite = [lr for lr in candidates if scores[str(lr)] is not None]
     if not finite:
-        raise NonFiniteLossError(f"every inner-lr candidate diverged: {scores}")
+        raise NonFiniteLossError(f"every inner-lr candidate diverged: {scores}", torch.empty(0))
     return min(finite, key=lambda lr: scores[str(lr)]), scores
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from experiments import rotation, synthetic
-from experiments.engine import NonFiniteLossError, sweep_inner_lr
+from experiments.engine import sweep_inner_lr
 from experiments.presets import RotationConfig
+from msr import NonFiniteLossError
 from synthetic.translation1d import Translation1D
 
 CFG = RotationConfig(steps=1, eval_every=1, meta_batch=4, test_tasks=10, sweep_steps=3)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.cli import Stopped, deferred_stops, with_settings
-from experiments.engine import NonFiniteLossError, outer_groups, outer_steps
+from experiments.engine import outer_groups, outer_steps
 from experiments.presets import FEW_SHOT, RunConfig
-from msr import MAML, MSRLinear, TaskBatch
+from msr import MAML, MSRLinear, NonFiniteLossError, TaskBatch
 
 
 def _setup():
