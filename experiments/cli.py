@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from experiments.rundir import RunError, RunFailedError, run_outputs
 from msr.devices import DEVICE_HELP, resolve_device
+from msr.distributed import rank_and_world_size
 
 if TYPE_CHECKING:
     from experiments.engine import Experiment
@@ -171,7 +172,7 @@ def parse(
     args.seeds = args.seeds or [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
-    torchrun = launched_by_torchrun()
+    torchrun = rank_and_world_size(launched=True)[1] > 1
     if args.workers > 1 and torchrun:
         parser.error("--workers > 1 cannot be combined with torchrun (one process per rank)")
     if torchrun and args.device.startswith("cuda:"):
@@ -186,7 +187,7 @@ def parse(
         cfg = with_settings(cfg, args.set or [])
     except ValueError as error:
         parser.error(str(error))
-    if cfg.meta_batch % (ranks := torchrun_ranks()):
+    if cfg.meta_batch % (ranks := rank_and_world_size(launched=True)[1]):
         parser.error(
             f"a meta-batch of {cfg.meta_batch} tasks does not split evenly over {ranks} torchrun "
             "ranks (uneven shards would weight tasks unequally): choose --nproc-per-node to "
@@ -229,16 +230,6 @@ def _typed_like(default: Any, text: str, name: str) -> Any:
         ) from None
 
 
-def torchrun_ranks() -> int:
-    """How many ranks ``torchrun`` started (its WORLD_SIZE; 1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is one of several ranks started by ``torchrun`` (WORLD_SIZE > 1)."""
-    return torchrun_ranks() > 1
-
-
 def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return the device
     this process trains on: on CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl, on the CPU gloo.
@@ -248,7 +239,7 @@ def setup_distributed(args: argparse.Namespace, device: torch.device) -> torch.d
     ``--resume`` rank 0 first sends them its run's files (``share_run_files``), so that every
     rank continues from the same checkpoint, on one machine or several.
     """
-    if not launched_by_torchrun():
+    if rank_and_world_size(launched=True)[1] == 1:
         return device
     timeout = datetime.timedelta(seconds=collective_timeout())
     if device.type == "cuda":

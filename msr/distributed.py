@@ -10,6 +10,7 @@ the gloo backend on the CPU and nccl on GPUs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -56,10 +57,14 @@ def average_gradients(module: nn.Module) -> None:
         offset += count
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """(this process's rank, the number of ranks): (0, 1) without an initialized process group."""
+def rank_and_world_size(launched: bool = False) -> tuple[int, int]:
+    """(this process's rank, the number of ranks) of the initialized process group; without one
+    (0, 1), or with ``launched`` what ``torchrun`` started this process as (its ``RANK`` and
+    ``WORLD_SIZE``), which a script needs before it joins the group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if launched:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return 0, 1
 
 

@@ -18,7 +18,13 @@ from conftest import REPO_ROOT
 from run_records import children, logged_metrics
 
 from msr import MAML, MSRLinear, TaskBatch
-from msr.distributed import average_gradients, shard_tasks, sharded_evaluate, sharded_map
+from msr.distributed import (
+    average_gradients,
+    rank_and_world_size,
+    shard_tasks,
+    sharded_evaluate,
+    sharded_map,
+)
 
 
 def _learner() -> MAML:
@@ -249,3 +255,13 @@ def test_what_torchrun_cannot_run_is_one_line_before_anything_is_written(
         rotation.main(["--preset", "tiny", "--out", str(out), *options])
     assert stop.value.code == 2 and not out.exists()
     assert message in capsys.readouterr().err
+
+
+def test_the_ranks_torchrun_launched_are_known_before_the_group_exists(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_and_world_size() == (0, 1)  # no process group: one process, as far as work goes
+    assert rank_and_world_size(launched=True) == (1, 2)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert rank_and_world_size(launched=True) == (0, 1)
