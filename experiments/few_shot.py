@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -38,7 +37,7 @@ from experiments.cli import positive_int, raise_if_stopped, run_cli
 from experiments.engine import Experiment, Plan, Tags, build_maml
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.rundir import REPO_ROOT, RunError
-from experiments.runfiles import save_figure
+from experiments.runfiles import read_records, save_figure
 from msr import (
     MAML,
     EpisodicLearner,
@@ -512,8 +511,7 @@ def _validation_curves(metrics: Path) -> dict[str, dict[float, float]]:
     absent; the log holds fractions)."""
     curves: dict[str, dict[float, float]] = {}
     if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
+        for record in read_records(metrics):
             if "val_accuracy" in record:
                 accuracy = 100 * record["val_accuracy"]
                 curves.setdefault(_label(record), {})[record["step"]] = accuracy

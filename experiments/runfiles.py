@@ -214,7 +214,7 @@ def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite a JSON-lines file (atomically) with only the records ``keep`` accepts; used on
     resume to forget what a killed run logged after its last saved state (it is redone)."""
     if path.exists():
-        kept = [line for line in read_lines(path) if keep(json.loads(line))]
+        kept = [json.dumps(record) for record in read_records(path) if keep(record)]
         atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
 
 
@@ -228,9 +228,9 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path} is not a readable JSON file ({error})") from None
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a metrics log, each checked to be a JSON record with an integer ``step``;
-    a corrupt one is a ``RunError``.
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log (the one reader of metrics.jsonl), each checked to be a
+    JSON object with an integer ``step``; a corrupt one is a ``RunError``.
     A torn last line (no newline: a stop or a full disk in the middle of an append) is dropped
     with a message: the record it was belongs to work that a resumed run redoes."""
     try:
@@ -243,6 +243,7 @@ def read_lines(path: Path) -> list[str]:
             json.loads(lines[-1])
         except json.JSONDecodeError:
             print(f"{path}: dropping its torn last line {lines.pop()[:40]!r}...", file=sys.stderr)
+    records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -253,7 +254,8 @@ def read_lines(path: Path) -> list[str]:
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise RunError(f"{path}, line {number}: not a metrics record (no integer step)")
-    return lines
+        records.append(record)
+    return records
 
 
 def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
