@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,6 @@ from msr.distributed import (
     average_gradients,
     rank_and_world_size,
     shard_tasks,
-    sharded_evaluate,
 )
 from msr.episodic import NonFiniteLossError
 from msr.saving import architecture
@@ -572,45 +571,6 @@ def outer_steps(
                 group["lr"] = learning_rate(step) * group.get("lr_scale", 1.0)
         optimizer.step()
         yield step, loss
-
-
-def sweep_inner_lr(
-    build: Callable[[float], Plan],
-    cfg: RunConfig,
-    scored: TaskBatch,
-    seed: int,
-    advance: Callable[[int], None] = lambda steps: None,
-) -> tuple[float, dict[str, float | None]]:
-    """Choose the initial inner lr among ``cfg.lr_candidates``: meta-train ``build(lr)`` for
-    ``cfg.sweep_steps`` outer steps from ``seed`` per candidate and score its mean query loss on
-    ``scored`` (*training* tasks, never test tasks). A candidate that diverges scores ``None``.
-
-    Returns (the best candidate, {candidate: score}).
-    """
-    candidates, steps = cfg.lr_candidates, cfg.sweep_steps
-    if not candidates:
-        raise ValueError("the inner-lr sweep needs at least one candidate")
-    scores: dict[str, float | None] = {}
-    for lr in candidates:
-        torch.manual_seed(seed)
-        plan, completed = build(lr), 0
-
-        def counted(steps: int) -> None:
-            nonlocal completed
-            completed += steps
-            advance(steps)
-
-        try:
-            fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
-            score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
-        except NonFiniteLossError:  # in training, or in scoring
-            score = math.nan
-            advance(steps - completed)  # the progress bar counts the steps it skips
-        scores[str(lr)] = score if math.isfinite(score) else None
-    finite = [lr for lr in candidates if scores[str(lr)] is not None]
-    if not finite:
-        raise NonFiniteLossError(f"every inner-lr candidate diverged: {scores}", torch.empty(0))
-    return min(finite, key=lambda lr: scores[str(lr)]), scores
 
 
 def aggregate_seeds(

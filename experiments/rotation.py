@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -36,11 +37,11 @@ from experiments.engine import (
     Plan,
     Tags,
     build_maml,
-    sweep_inner_lr,
+    fit,
     tables_per_seed,
 )
 from experiments.presets import ROTATION, RotationConfig
-from msr import MSRConv2d, viz
+from msr import MSRConv2d, NonFiniteLossError, TaskBatch, viz
 from msr.distributed import sharded_evaluate
 from msr.equivariance import adapted_group_equivariance_error
 from msr.stats import mean_ci95
@@ -92,6 +93,45 @@ def build_model(method: str, data: LiftingConvTasks) -> MSRConv2d:
     else:
         layer = MSRConv2d(1, channels, kernel, bias=False, learn_U=method == "MSR-Conv")
     return layer.to(data.device)
+
+
+def sweep_inner_lr(
+    build: Callable[[float], Plan],
+    cfg: RotationConfig,
+    scored: TaskBatch,
+    seed: int,
+    advance: Callable[[int], None] = lambda steps: None,
+) -> tuple[float, dict[str, float | None]]:
+    """Choose the initial inner lr among ``cfg.lr_candidates``: meta-train ``build(lr)`` for
+    ``cfg.sweep_steps`` outer steps from ``seed`` per candidate and score its mean query loss on
+    ``scored`` (*training* tasks, never test tasks). A candidate that diverges scores ``None``.
+
+    Returns (the best candidate, {candidate: score}).
+    """
+    candidates, steps = cfg.lr_candidates, cfg.sweep_steps
+    if not candidates:
+        raise ValueError("the inner-lr sweep needs at least one candidate")
+    scores: dict[str, float | None] = {}
+    for lr in candidates:
+        torch.manual_seed(seed)
+        plan, completed = build(lr), 0
+
+        def counted(steps: int) -> None:
+            nonlocal completed
+            completed += steps
+            advance(steps)
+
+        try:
+            fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
+            score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
+        except NonFiniteLossError:  # in training, or in scoring
+            score = math.nan
+            advance(steps - completed)  # the progress bar counts the steps it skips
+        scores[str(lr)] = score if math.isfinite(score) else None
+    finite = [lr for lr in candidates if scores[str(lr)] is not None]
+    if not finite:
+        raise NonFiniteLossError(f"every inner-lr candidate diverged: {scores}", torch.empty(0))
+    return min(finite, key=lambda lr: scores[str(lr)]), scores
 
 
 class Rotation(Experiment):

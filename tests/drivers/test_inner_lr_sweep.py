@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from experiments import rotation, synthetic
-from experiments.engine import sweep_inner_lr
 from experiments.presets import RotationConfig
+from experiments.rotation import sweep_inner_lr
 from msr import NonFiniteLossError
 from synthetic.translation1d import Translation1D
 
