@@ -22,7 +22,6 @@ import functools
 import math
 import multiprocessing
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
@@ -35,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from experiments import compare
+from experiments import report
 from experiments.cli import (
     Stopped,
     parse,
@@ -197,11 +196,11 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
         f"wall {results['wall_s']:.0f} s):\n"
     )
     if len(args.seeds) > 1:
-        print(seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
+        print(report.seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
         if any(run["method"] == experiment.proposed for run in results["runs"]):
             metric, better = experiment.metric, experiment.higher_is_better
-            pooled = compare.pool_runs([(str(args.out), results)], metric, better)
-            print("\n".join(compare.comparison_lines(pooled, experiment.proposed, args.methods)))
+            pooled = report.pool_runs([(str(args.out), results)], metric, better)
+            print("\n".join(report.comparison_lines(pooled, experiment.proposed, args.methods)))
     print("\n".join(lines))
     print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
     return results
@@ -261,7 +260,7 @@ def run_jobs(
     def record(entry: dict[str, Any]) -> None:
         results["runs"].append(entry)  # kept in job order
         results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
-        results["aggregate"] = aggregate_seeds(results["runs"], keys, experiment.metric)
+        results["aggregate"] = report.aggregate_seeds(results["runs"], keys, experiment.metric)
         results["wall_s"] = prior_wall + time.perf_counter() - start
         _write_results(args.out, results)
 
@@ -571,56 +570,6 @@ def outer_steps(
                 group["lr"] = learning_rate(step) * group.get("lr_scale", 1.0)
         optimizer.step()
         yield step, loss
-
-
-def aggregate_seeds(
-    runs: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str
-) -> list[dict[str, Any]]:
-    """One row per job that differs only in its seed (tags ``keys`` but "seed"): the mean of
-    ``metric`` over seeds, its between-seed standard deviation (None for one seed) and the
-    per-seed values, in run order."""
-    rows: dict[tuple, dict[str, Any]] = {}
-    for run in runs:
-        tags = {k: run[k] for k in keys if k != "seed"}
-        row = rows.setdefault(tuple(tags.values()), {**tags, "seeds": [], f"{metric}_per_seed": []})
-        row["seeds"].append(run["seed"])
-        row[f"{metric}_per_seed"].append(run[metric])
-    for row in rows.values():
-        values = row[f"{metric}_per_seed"]
-        row[f"{metric}_mean"] = statistics.fmean(values)
-        row[f"{metric}_std_between_seeds"] = statistics.stdev(values) if len(values) > 1 else None
-    return list(rows.values())
-
-
-def tables_per_seed(
-    runs: Sequence[Mapping[str, Any]],
-    seeds: Sequence[int],
-    table: Callable[[list[Mapping[str, Any]]], str],
-) -> list[str]:
-    """``table`` of each seed's runs, under a "Seed N:" heading when there are several seeds."""
-    return [
-        ("" if len(seeds) == 1 else f"\nSeed {seed}:\n")
-        + table([run for run in runs if run["seed"] == seed])
-        for seed in seeds
-    ]
-
-
-def seed_table(aggregate: Sequence[Mapping[str, Any]], metric: str, label: str) -> str:
-    """Markdown: per job (its tags but the seed), ``metric`` (named ``label``) over seeds as
-    'mean ± between-seed standard deviation', and each seed's value."""
-    fields = ("seeds", f"{metric}_per_seed", f"{metric}_mean", f"{metric}_std_between_seeds")
-    tags = [k for k in aggregate[0] if k not in fields] if aggregate else []
-    lines = [
-        "| " + " | ".join([*tags, f"{label} mean ± between-seed std", "per seed"]) + " |",
-        "| --- " * (len(tags) + 2) + "|",
-    ]
-    for row in aggregate:
-        spread = row[fields[3]]
-        mean = f"{row[fields[2]]:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
-        pairs = zip(row["seeds"], row[fields[1]], strict=True)
-        seeds = ", ".join(f"{value:.4f} (s{seed})" for seed, value in pairs)
-        lines.append("| " + " | ".join([*(str(row[k]) for k in tags), mean, seeds]) + " |")
-    return "\n".join(lines)
 
 
 Job = Callable[..., dict[str, Any]]

@@ -36,6 +36,7 @@ from experiments import engine
 from experiments.cli import positive_int, raise_if_stopped, run_cli
 from experiments.engine import Experiment, Plan, Tags, build_maml
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
+from experiments.report import plot_curves
 from experiments.rundir import REPO_ROOT, RunError
 from experiments.runfiles import read_records, save_figure
 from msr import (
@@ -45,7 +46,6 @@ from msr import (
     TaskBatch,
     accuracy,
     partition_parameters,
-    viz,
 )
 from msr.data import (
     ImageClasses,
@@ -420,7 +420,7 @@ class FewShot(Experiment):
         def draw(entry: dict[str, Any]) -> Any:
             """Each transform's equivariance error per conv block of the adapted network."""
             symmetry = entry["analysis"]["image_symmetry"]
-            return viz.plot_curves(
+            return plot_curves(
                 {name: dict(enumerate(row["blocks"], 1)) for name, row in symmetry.items()},
                 "conv block",
                 "equivariance error of its output",
@@ -444,7 +444,7 @@ class FewShot(Experiment):
         (metrics.jsonl) is drawn in curve_validation.png."""
         training = _validation_curves(args.out / "metrics.jsonl")
         if training:
-            figure = viz.plot_curves(
+            figure = plot_curves(
                 training,
                 "outer step",
                 f"validation accuracy (%), {results['config']['val_tasks']} episodes",
@@ -496,7 +496,7 @@ class FewShot(Experiment):
         for label, curve in curves.items():
             cells = [f"{curve[str(k)]:.1f}" if str(k) in curve else "" for k in grid]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        figure = viz.plot_curves(
+        figure = plot_curves(
             {label: {int(k): v for k, v in curve.items()} for label, curve in curves.items()},
             "inner steps at test time",
             "validation accuracy (%)",

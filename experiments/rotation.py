@@ -38,9 +38,9 @@ from experiments.engine import (
     Tags,
     build_maml,
     fit,
-    tables_per_seed,
 )
 from experiments.presets import ROTATION, RotationConfig
+from experiments.report import tables_per_seed
 from msr import MSRConv2d, NonFiniteLossError, TaskBatch, viz
 from msr.distributed import sharded_evaluate
 from msr.equivariance import adapted_group_equivariance_error

@@ -22,8 +22,9 @@ from torch import nn
 
 from experiments import engine
 from experiments.cli import run_cli
-from experiments.engine import Experiment, Plan, Tags, build_maml, tables_per_seed
+from experiments.engine import Experiment, Plan, Tags, build_maml
 from experiments.presets import SYNTHETIC, RunConfig
+from experiments.report import tables_per_seed
 from msr import MSRLinear, bases, viz
 from msr.distributed import sharded_evaluate
 from msr.equivariance import adapted_translation_equivariance_error

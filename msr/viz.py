@@ -10,7 +10,7 @@ Every function returns a matplotlib ``Figure``; ``save`` writes one and closes i
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,47 +148,6 @@ def plot_conv_directions(
         colorbar.ax.tick_params(labelsize=6)
     fig.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     fig.supxlabel(f"output channel (input channel {in_channel})", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(
-    curves: Mapping[str, Mapping[float, float]],
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    log_x: bool = False,
-    errors: Mapping[str, Mapping[float, float]] | None = None,
-) -> Figure:
-    """One line per labelled curve ({x: y}, drawn in x order), with markers: e.g. validation
-    accuracy against test-time inner steps, one curve per learner. ``errors`` (the same labels
-    and x values: {x: half-width}) draws each point's interval as an error bar, e.g. each
-    seed's 95% CI. Integer x values (steps, blocks, seeds) get integer ticks; a long title
-    wraps to fit the figure."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    errors = errors or {}
-    if unknown := set(errors) - set(curves):
-        raise ValueError(f"errors for curves that are not drawn: {sorted(unknown)}")
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for label, points in curves.items():
-        xs = sorted(points)
-        bars = errors.get(label)
-        if bars is not None and set(bars) != set(points):
-            raise ValueError(f"errors of {label!r} need the curve's x values {xs}")
-        yerr = None if bars is None else [bars[x] for x in xs]
-        ax.errorbar(xs, [points[x] for x in xs], yerr=yerr, marker="o", capsize=3, label=label)
-    if log_x:
-        ax.set_xscale("log")
-    elif all(float(x).is_integer() for points in curves.values() for x in points):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

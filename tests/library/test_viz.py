@@ -1,41 +1,10 @@
-"""msr.viz: every MSR layer drawn, with titles, labels and colour bars; readable curves."""
+"""msr.viz: every MSR layer drawn, with titles, labels and colour bars."""
 
 import pytest
 import torch
 from torch import nn
 
 from msr import MSRConv2d, MSRLinear, bases, viz
-
-
-def test_integer_curves_get_integer_ticks_and_a_long_title_wraps():
-    title = "a job name that is long: the adapted network on 50 test episodes (accuracy 88.0%)"
-    figure = viz.plot_curves({"h-flip": {1: 0.4, 2: 0.3, 3: 0.3, 4: 0.1}}, "block", "error", title)
-    ax = figure.axes[0]
-    ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
-    assert ticks and all(float(t).is_integer() for t in ticks)
-    assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ") == title
-    assert ax.get_xlabel() == "block" and ax.get_ylabel() == "error"
-
-
-def test_fractional_curves_keep_the_default_ticks():
-    figure = viz.plot_curves({"a": {0.5: 1.0, 1.5: 2.0}}, "x", "y", "short")
-    ax = figure.axes[0]
-    assert any(not float(t).is_integer() for t in ax.get_xticks())
-    assert ax.get_title() == "short"
-
-
-def test_curves_draw_error_bars_where_given_and_refuse_mismatched_ones():
-    curves = {"msr": {0: 90.4, 1: 91.1}, "maml": {0: 89.2, 1: 88.7}}
-    figure = viz.plot_curves(curves, "seed", "accuracy (%)", errors={"msr": {0: 0.8, 1: 0.7}})
-    ax = figure.axes[0]
-    bars, no_bars = ax.containers[0].lines[2], ax.containers[1].lines[2]
-    ends = [y for segment in bars[0].get_segments() for y in segment[:, 1]]
-    assert ends == pytest.approx([89.6, 91.2, 90.4, 91.8])
-    assert no_bars == () and [t for t in ax.get_xticks() if 0 <= t <= 1] == [0, 1]
-    with pytest.raises(ValueError, match="not drawn"):
-        viz.plot_curves(curves, "seed", "y", errors={"protonet": {0: 1.0, 1: 1.0}})
-    with pytest.raises(ValueError, match="x values"):
-        viz.plot_curves(curves, "seed", "y", errors={"msr": {0: 1.0}})
 
 
 def _colour_bars(figure):

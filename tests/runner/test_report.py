@@ -1,5 +1,5 @@
-"""experiments.compare: paired tests of methods over the seeds (and episodes) of finished runs,
-pooled from several folders, on fabricated results.json files."""
+"""experiments.report: paired tests of methods over the seeds (and episodes) of finished runs,
+pooled from several folders, on fabricated results.json files; readable curves."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from experiments import compare
+from experiments import report
 from experiments.runfiles import write_results
 from msr.stats import compare_paired
 
@@ -49,7 +49,7 @@ def _episodes(method, seed):
 def test_seeds_pooled_from_two_folders_give_the_paired_tests_and_a_figure(tmp_path):
     first = _results(tmp_path / "a", [0, 1, 2], _episodes)
     second = _results(tmp_path / "b", [3, 4], _episodes)
-    command = [sys.executable, "-m", "experiments.compare", str(tmp_path / "a"),
+    command = [sys.executable, "-m", "experiments.report", str(tmp_path / "a"),
                str(tmp_path / "b"), "--figures", str(tmp_path / "figures")]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -82,7 +82,7 @@ def test_a_job_in_two_folders_or_a_column_with_two_configs_is_refused(tmp_path):
         command = [
             sys.executable,
             "-m",
-            "experiments.compare",
+            "experiments.report",
             *(str(tmp_path / f) for f in folders),
         ]
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -92,9 +92,42 @@ def test_a_job_in_two_folders_or_a_column_with_two_configs_is_refused(tmp_path):
 
 def test_an_unknown_method_is_refused_naming_what_ran(tmp_path, capsys):
     _results(tmp_path / "a", [0, 1], _episodes)
-    with pytest.raises(compare.RunError, match=r"--method 'anil' ran in none .*'maml', 'msr'"):
-        compare.main([str(tmp_path / "a"), "--method", "anil"])
-    with pytest.raises(compare.RunError, match=r"--against \['anil'\]"):
-        compare.main([str(tmp_path / "a"), "--against", "anil"])
-    lines = compare.main([str(tmp_path / "a"), "--against", "maml"])
+    with pytest.raises(report.RunError, match=r"--method 'anil' ran in none .*'maml', 'msr'"):
+        report.main([str(tmp_path / "a"), "--method", "anil"])
+    with pytest.raises(report.RunError, match=r"--against \['anil'\]"):
+        report.main([str(tmp_path / "a"), "--against", "anil"])
+    lines = report.main([str(tmp_path / "a"), "--against", "maml"])
     assert not any("protonet" in line for line in lines if line.startswith("| msr vs"))
+
+
+def test_integer_curves_get_integer_ticks_and_a_long_title_wraps():
+    title = "a job name that is long: the adapted network on 50 test episodes (accuracy 88.0%)"
+    figure = report.plot_curves(
+        {"h-flip": {1: 0.4, 2: 0.3, 3: 0.3, 4: 0.1}}, "block", "error", title
+    )
+    ax = figure.axes[0]
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ") == title
+    assert ax.get_xlabel() == "block" and ax.get_ylabel() == "error"
+
+
+def test_fractional_curves_keep_the_default_ticks():
+    figure = report.plot_curves({"a": {0.5: 1.0, 1.5: 2.0}}, "x", "y", "short")
+    ax = figure.axes[0]
+    assert any(not float(t).is_integer() for t in ax.get_xticks())
+    assert ax.get_title() == "short"
+
+
+def test_curves_draw_error_bars_where_given_and_refuse_mismatched_ones():
+    curves = {"msr": {0: 90.4, 1: 91.1}, "maml": {0: 89.2, 1: 88.7}}
+    figure = report.plot_curves(curves, "seed", "accuracy (%)", errors={"msr": {0: 0.8, 1: 0.7}})
+    ax = figure.axes[0]
+    bars, no_bars = ax.containers[0].lines[2], ax.containers[1].lines[2]
+    ends = [y for segment in bars[0].get_segments() for y in segment[:, 1]]
+    assert ends == pytest.approx([89.6, 91.2, 90.4, 91.8])
+    assert no_bars == () and [t for t in ax.get_xticks() if 0 <= t <= 1] == [0, 1]
+    with pytest.raises(ValueError, match="not drawn"):
+        report.plot_curves(curves, "seed", "y", errors={"protonet": {0: 1.0, 1: 1.0}})
+    with pytest.raises(ValueError, match="x values"):
+        report.plot_curves(curves, "seed", "y", errors={"msr": {0: 1.0}})

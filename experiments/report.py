@@ -1,6 +1,7 @@
-"""Is a method's lead beyond seed noise? Paired comparisons over the seeds of finished runs.
+"""What the drivers report: seed aggregates and tables, curves, and whether a method's lead is
+beyond seed noise (paired comparisons over the seeds of finished runs).
 
-    python -m experiments.compare DIR [DIR ...] [--method msr] [--against maml protonet] \
+    python -m experiments.report DIR [DIR ...] [--method msr] [--against maml protonet] \
         [--figures FOLDER]
 
 Reads DIR/results.json of any driver (several folders pool their seeds; a folder whose run is
@@ -20,16 +21,19 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.cli import run_cli
 from experiments.rundir import RunError
 from experiments.runfiles import read_results, save_figure
-from msr import viz
 from msr.stats import PairedComparison, compare_paired, mean_ci95
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DIGITS = {"accuracy": 1, "mse": 4}  # as the drivers print them
 
@@ -230,7 +234,98 @@ def draw_seeds(pooled: Pooled, column: Column, label: str) -> Any:
     methods = pooled.runs[column]
     curves = {m: {s: r[pooled.metric] for s, r in runs.items()} for m, runs in methods.items()}
     errors = {m: {s: r["ci95"] for s, r in runs.items()} for m, runs in methods.items()}
-    return viz.plot_curves(curves, "seed", label, column.label, errors=errors)
+    return plot_curves(curves, "seed", label, column.label, errors=errors)
+
+
+def aggregate_seeds(
+    runs: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
+    """One row per job that differs only in its seed (tags ``keys`` but "seed"): the mean of
+    ``metric`` over seeds, its between-seed standard deviation (None for one seed) and the
+    per-seed values, in run order."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        tags = {k: run[k] for k in keys if k != "seed"}
+        row = rows.setdefault(tuple(tags.values()), {**tags, "seeds": [], f"{metric}_per_seed": []})
+        row["seeds"].append(run["seed"])
+        row[f"{metric}_per_seed"].append(run[metric])
+    for row in rows.values():
+        values = row[f"{metric}_per_seed"]
+        row[f"{metric}_mean"] = statistics.fmean(values)
+        row[f"{metric}_std_between_seeds"] = statistics.stdev(values) if len(values) > 1 else None
+    return list(rows.values())
+
+
+def tables_per_seed(
+    runs: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    table: Callable[[list[Mapping[str, Any]]], str],
+) -> list[str]:
+    """``table`` of each seed's runs, under a "Seed N:" heading when there are several seeds."""
+    return [
+        ("" if len(seeds) == 1 else f"\nSeed {seed}:\n")
+        + table([run for run in runs if run["seed"] == seed])
+        for seed in seeds
+    ]
+
+
+def seed_table(aggregate: Sequence[Mapping[str, Any]], metric: str, label: str) -> str:
+    """Markdown: per job (its tags but the seed), ``metric`` (named ``label``) over seeds as
+    'mean ± between-seed standard deviation', and each seed's value."""
+    fields = ("seeds", f"{metric}_per_seed", f"{metric}_mean", f"{metric}_std_between_seeds")
+    tags = [k for k in aggregate[0] if k not in fields] if aggregate else []
+    lines = [
+        "| " + " | ".join([*tags, f"{label} mean ± between-seed std", "per seed"]) + " |",
+        "| --- " * (len(tags) + 2) + "|",
+    ]
+    for row in aggregate:
+        spread = row[fields[3]]
+        mean = f"{row[fields[2]]:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+        pairs = zip(row["seeds"], row[fields[1]], strict=True)
+        seeds = ", ".join(f"{value:.4f} (s{seed})" for seed, value in pairs)
+        lines.append("| " + " | ".join([*(str(row[k]) for k in tags), mean, seeds]) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(
+    curves: Mapping[str, Mapping[float, float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_x: bool = False,
+    errors: Mapping[str, Mapping[float, float]] | None = None,
+) -> Figure:
+    """One line per labelled curve ({x: y}, drawn in x order), with markers: e.g. validation
+    accuracy against test-time inner steps, one curve per learner. ``errors`` (the same labels
+    and x values: {x: half-width}) draws each point's interval as an error bar, e.g. each
+    seed's 95% CI. Integer x values (steps, blocks, seeds) get integer ticks; a long title
+    wraps to fit the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    errors = errors or {}
+    if unknown := set(errors) - set(curves):
+        raise ValueError(f"errors for curves that are not drawn: {sorted(unknown)}")
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for label, points in curves.items():
+        xs = sorted(points)
+        bars = errors.get(label)
+        if bars is not None and set(bars) != set(points):
+            raise ValueError(f"errors of {label!r} need the curve's x values {xs}")
+        yerr = None if bars is None else [bars[x] for x in xs]
+        ax.errorbar(xs, [points[x] for x in xs], yerr=yerr, marker="o", capsize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    elif all(float(x).is_integer() for points in curves.values() for x in points):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -277,4 +372,4 @@ def _reports(results: Mapping[str, Any], metric: str) -> bool:
 
 
 if __name__ == "__main__":
-    run_cli(main, "experiments.compare")
+    run_cli(main, "experiments.report")
