@@ -99,21 +99,10 @@ def _tag_names(results: Mapping[str, Any]) -> set[str]:
     return {k for row in results.get("aggregate", []) for k in row if not statistic.match(k)}
 
 
-def paired(
-    pooled: Pooled, column: Column, method: str, other: str, by: str | int
-) -> PairedComparison:
-    """``method`` against ``other`` in ``column``, over their common seeds (``by="seed"``) or
-    over the test episodes of one seed (``by`` = that seed): positive differences favour
-    ``method``."""
-    ours, theirs = pooled.runs[column][method], pooled.runs[column][other]
-    if by == "seed":
-        seeds = sorted(set(ours) & set(theirs))
-        a = [ours[s][pooled.metric] for s in seeds]
-        b = [theirs[s][pooled.metric] for s in seeds]
-    else:
-        field = f"test_{pooled.metric}_by_episode"
-        a, b = ours[by][field], theirs[by][field]
-    return compare_paired(a, b) if pooled.higher_is_better else compare_paired(b, a)
+def paired(pooled: Pooled, ours: Sequence[float], theirs: Sequence[float]) -> PairedComparison:
+    """Our values against theirs, pair by pair (the same seeds, or one seed's test episodes),
+    oriented by the metric: positive differences favour ours."""
+    return compare_paired(ours, theirs) if pooled.higher_is_better else compare_paired(theirs, ours)
 
 
 def comparison_lines(pooled: Pooled, method: str, against: Sequence[str]) -> list[str]:
@@ -185,11 +174,12 @@ def _paired_over_seeds(
                 f"| {method} vs {other} | {len(seeds)} | — | — | — | — | — | too few seeds |"
             )
             continue
-        result = paired(pooled, column, method, other, "seed")
+        ours = [runs[method][s][pooled.metric] for s in seeds]
+        theirs = [runs[other][s][pooled.metric] for s in seeds]
+        result = paired(pooled, ours, theirs)
         sign = 1 if pooled.higher_is_better else -1
         per_seed = ", ".join(
-            f"{sign * (runs[method][s][pooled.metric] - runs[other][s][pooled.metric]):+.{digits}f}"
-            for s in seeds
+            f"{sign * (a - b):+.{digits}f}" for a, b in zip(ours, theirs, strict=True)
         )
         lines.append(
             f"| {method} vs {other} | {len(seeds)} | {per_seed} | "
@@ -210,7 +200,7 @@ def _paired_over_episodes(
         for seed in sorted(set(runs[method]) & set(runs[other])):
             if field not in runs[method][seed] or field not in runs[other][seed]:
                 continue
-            result = paired(pooled, column, method, other, seed)
+            result = paired(pooled, runs[method][seed][field], runs[other][seed][field])
             rows.append(
                 f"| {method} vs {other} | {seed} | {result.count} | "
                 f"{result.mean_difference:+.{digits}f} ± {result.ci95:.{digits}f} | "
