@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import functools
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +27,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from experiments.rundir import RunError, RunFailedError, run_outputs
-from msr.devices import DEVICE_HELP, resolve_device
+from experiments import report
+from experiments.control import RunError
+from experiments.run import Experiment, run_jobs, write_results_file
+from experiments.rundir import claim_output, run_outputs
+from experiments.runfiles import recorded_outputs
+from msr.devices import DEVICE_HELP, resolve_device, reuse_freed_memory
 from msr.distributed import rank_and_world_size
 
 if TYPE_CHECKING:
-    from experiments.engine import Experiment
     from experiments.presets import RunConfig
 
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and the streams take
@@ -312,102 +314,34 @@ def share_run_files(out: Path) -> None:
             (out / name).write_bytes(contents)
 
 
-def _collective_failure(error: RuntimeError) -> bool:
-    """Whether ``error`` is a torch.distributed collective that failed (a peer gone, or
-    ``collective_timeout()`` passed): torch raises DistError for nccl, a plain RuntimeError
-    from gloo's transport for gloo."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM asked the run to stop (raised by ``raise_if_stopped`` at a safe point)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signal.Signals(signum)
-
-
-_stop_signal = 0  # the signal that asked the run to stop (0: none), until it stops
-
-
-def run_cli(main: Callable[[], Any], prog: str) -> None:
-    """Run a driver's ``main`` as a command: RunError -> one line, status 2 (1 for a
-    ``RunFailedError``, a non-finite loss, or a rank lost under torchrun); SIGINT / SIGTERM
-    -> a message, status 130 / 143."""
-    try:
-        with deferred_stops():
-            main()
-    except (RunFailedError, FloatingPointError) as error:  # FloatingPointError: a NaN loss
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as error:
-        if not _collective_failure(error):
-            raise
-        reason = str(error).splitlines()[0].split("] ")[-1][:160]
-        print(
-            f"{prog}: error: rank {dist.get_rank()} lost contact with another rank ({reason}): "
-            "a rank was killed, stopped or is stuck; the finished jobs and the last checkpoint "
-            "are kept: run the same command with --resume to continue",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    except RunError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Stopped as stop:
-        print(
-            f"\n{prog}: stopped by {stop.signum.name}; the files in --out are consistent (the "
-            "finished jobs, and the last checkpoint of the others): run the same command with "
-            "--resume to continue",
-            file=sys.stderr,
-        )
-        sys.exit(128 + stop.signum)
-
-
-@contextmanager
-def deferred_stops() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM are recorded rather than raised where they land, and
-    ``raise_if_stopped`` raises ``Stopped`` at the next safe point. An exception raised at an
-    arbitrary bytecode can land inside torch's own machinery (e.g. while ``vmap`` enters a
-    level) and leave it broken, hiding the stop behind an internal error. A second signal
-    raises at once."""
-    global _stop_signal
-
-    def request(signum: int, frame: object) -> None:
-        global _stop_signal
-        if _stop_signal:
-            raise Stopped(signum)
-        _stop_signal = signum
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, request)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _stop_signal = 0
-
-
-def stop_signal(device: torch.device | None = None) -> int:
-    """The signal that asked the run to stop, 0 if none did (see ``deferred_stops``).
-
-    With ``device`` and under torchrun the ranks agree on it (the largest signal any of them
-    has seen, one all-reduce on ``device``), so every rank must ask at the same point: a rank
-    that stopped alone would leave the others waiting in their next collective until it
-    fails, and a signal often reaches one rank alone, or the ranks a step apart."""
-    if device is None or not (dist.is_available() and dist.is_initialized()):
-        return _stop_signal
-    seen = torch.tensor([_stop_signal], device=device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-    return int(seen.item())
-
-
-def raise_if_stopped(device: torch.device | None = None) -> None:
-    """Raise ``Stopped`` if SIGINT or SIGTERM asked the run to stop (on any rank, with
-    ``device``: see ``stop_signal``)."""
-    if signum := stop_signal(device):
-        raise Stopped(signum)
+def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``experiment`` as its command line asks; its results.json contents."""
+    args, cfg, device = parse(experiment, argv)
+    reuse_freed_memory()
+    experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
+    rank, world_size = rank_and_world_size()
+    recorded = functools.partial(recorded_outputs, args.out, legacy_ok=args.resume)
+    with claim_output(args.out, args.resume, args.overwrite, recorded):  # rank > 0: private
+        if world_size > 1 and args.resume:
+            share_run_files(args.out)
+        results = run_jobs(experiment, args, cfg, device)
+        lines = experiment.report(results, args)
+        write_results_file(args.out, results)
+    if rank:
+        return results  # rank 0 reports
+    devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
+    print(
+        f"\nMeta-test {experiment.metric_label} ± 95% CI over {cfg.test_tasks} held-out tasks "
+        f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
+        f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on {devices}, "
+        f"wall {results['wall_s']:.0f} s):\n"
+    )
+    if len(args.seeds) > 1:
+        print(report.seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
+        if any(run["method"] == experiment.proposed for run in results["runs"]):
+            metric, better = experiment.metric, experiment.higher_is_better
+            pooled = report.pool_runs([(str(args.out), results)], metric, better)
+            print("\n".join(report.comparison_lines(pooled, experiment.proposed, args.methods)))
+    print("\n".join(lines))
+    print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
+    return results

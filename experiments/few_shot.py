@@ -14,7 +14,7 @@ Kronecker U). Only the query sets are augmented (crop, flips, rotation), so the 
 has to absorb those symmetries; ``--augment none`` leaves the meta-training queries plain (an
 ablation: validation and test stay augmented). Each job (method, ways, shots, seed) is validated on
 ``val_tasks`` episodes every ``eval_every`` steps and tested on ``test_tasks`` episodes of the
-test classes (accuracy ± 95% CI beside the paper's number), through ``experiments.engine``.
+test classes (accuracy ± 95% CI beside the paper's number), through ``experiments.run``.
 ``--device`` picks the device: the images are moved there once, and every episode is sampled
 and augmented there.
 """
@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experiments import engine
-from experiments.cli import positive_int, raise_if_stopped, run_cli
-from experiments.engine import Experiment, Plan, Tags, build_maml
+from experiments import cli
+from experiments.cli import positive_int
+from experiments.control import RunError, raise_if_stopped, run_cli
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.report import plot_curves
-from experiments.rundir import REPO_ROOT, RunError
+from experiments.run import Experiment, Plan, Tags, build_maml
+from experiments.rundir import REPO_ROOT
 from experiments.runfiles import read_records, save_figure
 from msr import (
     MAML,
@@ -541,7 +542,7 @@ EXPERIMENT = FewShot()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return engine.main(EXPERIMENT, argv)
+    return cli.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from experiments import few_shot, rotation, synthetic
-from experiments.cli import run_cli
-from experiments.rundir import RunError, busy_holder
-from experiments.runfiles import load_model, read_results, save_figure
+from experiments.control import RunError, run_cli
+from experiments.rundir import busy_holder
+from experiments.runfiles import read_checkpoint, read_results, save_figure
 
 EXPERIMENTS = {e.name: e for e in (synthetic.EXPERIMENT, rotation.EXPERIMENT, few_shot.EXPERIMENT)}
 
@@ -38,19 +38,20 @@ def redraw_run(out: Path) -> list[Path]:
         raise RunError(f"{out} holds no model_*.pt files to redraw from")
     written, training = [], []
     for path in models:
-        saved = load_model(path)
-        experiment = EXPERIMENTS.get(saved["driver"])
+        saved = read_checkpoint(path)
+        job = saved["metadata"]
+        experiment = EXPERIMENTS.get(job["driver"])
         if experiment is None:
-            raise RunError(f"{path}: unknown driver {saved['driver']!r}")
-        if saved["step"] < saved["config"]["steps"]:
+            raise RunError(f"{path}: unknown driver {job['driver']!r}")
+        if job["step"] < job["config"]["steps"]:
             training.append(path.name)  # a job still to finish (--resume)
             continue
-        tags = saved["tags"]
+        tags = job["tags"]
         entry = next((r for r in runs if all(r.get(k) == v for k, v in tags.items())), None)
         if entry is None:
             raise RunError(f"{path}: no run {tags} in {results}")
         cpu = torch.device("cpu")
-        plan = experiment.plan(tags, experiment.config_type(**saved["config"]), None, cpu)
+        plan = experiment.plan(tags, experiment.config_type(**job["config"]), None, cpu)
         plan.learner.load_state_dict(saved["state_dict"])
         if plan.draw is not None and (figure := plan.draw(entry)) is not None:
             written.append(save_figure(figure, experiment.figure_path(out, tags)))

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.cli import run_cli
-from experiments.rundir import RunError
+from experiments.control import RunError, run_cli
 from experiments.runfiles import read_results, save_figure
 from msr.stats import PairedComparison, compare_paired, mean_ci95
 

@@ -13,7 +13,7 @@ filters copied exactly at each quarter turn / flip). Each method is one ``MSRCon
 Two protocols, side by side: ``paper`` starts every learned inner lr at 0.1 (the paper's);
 ``swept`` (formerly ``level``) starts each method's at the value a small sweep picks (short runs
 from each candidate, scored on *training* tasks; the choice and every score go to results.json).
-Writes (through ``experiments.engine``) DIR/metrics.jsonl, DIR/results.json, the model files and
+Writes (through ``experiments.run``) DIR/metrics.jsonl, DIR/results.json, the model files and
 DIR/U_<method>_<group>_<protocol>_s<seed>.png (span(U)'s strongest directions as kernels, for
 every learned U), and prints Markdown tables beside the paper's and the authors'-code numbers,
 with symmetry scores of every learned U.
@@ -30,17 +30,18 @@ from typing import Any
 
 import torch
 
-from experiments import engine
-from experiments.cli import renamed, run_cli
-from experiments.engine import (
+from experiments import cli
+from experiments.cli import renamed
+from experiments.control import run_cli
+from experiments.presets import ROTATION, RotationConfig
+from experiments.report import tables_per_seed
+from experiments.run import (
     Experiment,
     Plan,
     Tags,
     build_maml,
     fit,
 )
-from experiments.presets import ROTATION, RotationConfig
-from experiments.report import tables_per_seed
 from msr import MSRConv2d, NonFiniteLossError, TaskBatch, viz
 from msr.distributed import sharded_evaluate
 from msr.equivariance import adapted_group_equivariance_error
@@ -332,7 +333,7 @@ EXPERIMENT = Rotation()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return engine.main(EXPERIMENT, argv)
+    return cli.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

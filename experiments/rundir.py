@@ -25,6 +25,8 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from experiments.control import RunError, write_error_reason
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # What a driver writes into its --out; --overwrite removes these (and nothing else).
@@ -40,19 +42,6 @@ RUN_OUTPUTS = (
 )
 LOCK_NAME = ".lock"
 LOCK_ATTEMPTS = 100  # a lock released between our open and flock is tried again, this often
-
-
-class RunError(Exception):
-    """A problem the user can fix; shown as one line, exit status 2."""
-
-
-class RunFailedError(RunError):
-    """The run failed for a reason outside its inputs (a full disk, a lost process, a diverged
-    loss); shown as one line, exit status 1."""
-
-
-class WriteFailedError(RunFailedError):
-    """An output file could not be written; the previous version is intact."""
 
 
 @contextmanager
@@ -253,14 +242,3 @@ def _release_lock(path: Path) -> None:
     if descriptor is not None:
         path.unlink(missing_ok=True)
         os.close(descriptor)
-
-
-def describe_write_error(path: Path, error: OSError) -> WriteFailedError:
-    """The one-line account of a failed atomic write of ``path``."""
-    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-    return WriteFailedError(f"could not write {path}: {write_error_reason(error)}; {kept}")
-
-
-def write_error_reason(error: OSError) -> str:
-    """Why a write failed, in words."""
-    return "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))

@@ -20,23 +20,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from experiments.rundir import (
-    REPO_ROOT,
-    RunError,
-    WriteFailedError,
-    describe_write_error,
-    run_outputs,
-    write_error_reason,
-)
+import msr
+from experiments.control import RunError, WriteFailedError, write_error_reason, write_failed
+from experiments.rundir import REPO_ROOT, run_outputs
 from msr import viz
-from msr._files import (
-    ChecksumError,
-    ModelFileError,
-    load_weights_only,
-    with_checksum,
-    without_checksum,
-    write_atomically,
-)
+from msr._files import ChecksumError, with_checksum, without_checksum, write_atomically
+from msr.saving import ModelFileError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,64 +68,40 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     try:
         write_atomically(path, write)
     except OSError as error:
-        raise describe_write_error(path, error) from error
+        raise write_failed(path, error) from error
 
 
-MODEL_FIELDS = {
-    "architecture",
-    "driver",
-    "seed",
-    "tags",
-    "preset",
-    "config",
-    "step",
-    "state_dict",
-    "optimizer",
-    "elapsed_s",
-    "unvalidated",
-}
+JOB_FIELDS = ("driver", "seed", "tags", "preset", "config", "step", "elapsed_s", "unvalidated")
 
 
-def load_model(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A job's model file (``experiments.engine.fit`` writes it: its checkpoint as it trains,
-    its model once trained), its checksum verified (no code runs while it loads): the learner's
-    state dict with what rebuilds it (its ``architecture``, which ``msr.load`` reads, and the
-    driver, seed, tags, preset and config) and how far it got (step, and the optimizer's state
-    to continue from)."""
-    saved = load_checked(path, map_location)
-    missing = MODEL_FIELDS - set(saved)
-    if missing:
-        raise RunError(f"{path} is not a model file of this project (missing {sorted(missing)})")
-    return saved
-
-
-def save_checked(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` a dict atomically, with the ``content_digest`` of its fields stored beside
-    them, so that ``load_checked`` notices any change (a flipped bit, a truncation)."""
-    checked = with_checksum(payload)
-    atomic_write(path, lambda stream: torch.save(checked, stream))
-
-
-def load_checked(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A dict written by ``save_checked``: loaded safely (``load_torch_file``), its checksum
-    verified; a mismatch, or a file without one, is a ``RunError`` naming the file."""
-    return _verified(
-        path,
-        load_torch_file(path, map_location),
-        absent="holds no checksum: not a checkpoint or model file of this project, or one "
-        "written before they were checksummed, so it cannot be verified",
-        changed="is corrupt: its contents do not match the SHA-256 checksum stored in it "
-        "(a changed or damaged file); it was not used",
-    )
-
-
-def _verified(path: Path, saved: Any, absent: str, changed: str) -> dict[str, Any]:
-    """What ``with_checksum`` stored, without its checksum, once the checksum matches; a
-    ``RunError`` "``path`` ``absent``" without one, "``path`` ``changed``" on a mismatch."""
+def save_checkpoint(
+    path: Path, learner: torch.nn.Module, metadata: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """A job's model file, its checkpoint while it trains: ``msr.save`` of the learner with the
+    job and its progress (``JOB_FIELDS``) as ``metadata`` and the optimizer's ``state``; a
+    failed write is a ``WriteFailedError`` (the previous file intact)."""
     try:
-        return without_checksum(saved)
-    except ChecksumError as error:
-        raise RunError(f"{path} {absent if error.absent else changed}") from None
+        msr.save(learner, path, metadata, state=state)
+    except OSError as error:
+        raise write_failed(path, error) from error
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A job's model file (``msr.saving.read``: loaded without running code, its checksum
+    verified); a missing, unsafe, damaged or foreign file is a ``RunError`` naming it."""
+    try:
+        saved = msr.saving.read(path, map_location)
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist") from None
+    except ModelFileError as error:
+        raise RunError(str(error)) from None
+    if missing := sorted(set(JOB_FIELDS) - set(saved["metadata"])):
+        raise RunError(
+            f"{path} is no job's checkpoint (its metadata lacks {missing}): a file of msr.save, "
+            "or of the drivers before their model files were msr.save files, which --resume "
+            "does not read"
+        )
+    return saved
 
 
 def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -162,7 +127,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
     try:
         return viz.save(figure, path)
     except OSError as error:
-        raise describe_write_error(path, error) from error
+        raise write_failed(path, error) from error
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -181,14 +146,17 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 def read_results(path: Path) -> dict[str, Any]:
     """A results.json written by ``write_results``, its checksum verified (without it); a
     missing, unreadable, foreign or changed file is a ``RunError`` naming it."""
-    return _verified(
-        path,
-        read_json(path),
-        absent="is not a results file of these drivers (no sha256 checksum: a foreign "
-        "file, or one written before results were checksummed)",
-        changed="was changed after its run wrote it (its contents do not match the SHA-256 "
-        "checksum stored in it); it was not used",
-    )
+    try:
+        return without_checksum(read_json(path))
+    except ChecksumError as error:
+        why = (
+            "is not a results file of these drivers (no sha256 checksum: a foreign file, or "
+            "one written before results were checksummed)"
+            if error.absent
+            else "was changed after its run wrote it (its contents do not match the SHA-256 "
+            "checksum stored in it); it was not used"
+        )
+        raise RunError(f"{path} {why}") from None
 
 
 def recorded_outputs(out: Path, legacy_ok: bool) -> list[str]:
@@ -256,17 +224,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise RunError(f"{path}, line {number}: not a metrics record (no integer step)")
         records.append(record)
     return records
-
-
-def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
-    """A checkpoint or model file, loaded with ``weights_only=True`` (tensors and plain Python
-    values only: a file that would run code is refused); any failure is a ``RunError``."""
-    try:
-        return load_weights_only(path, map_location)
-    except FileNotFoundError:
-        raise RunError(f"{path} does not exist") from None
-    except ModelFileError as error:
-        raise RunError(str(error)) from None
 
 
 class MetricsLog:

@@ -4,7 +4,7 @@
         --out DIR
 
 Trains each (method, k) with second-order MAML on the same streamed tasks, evaluates on 300 fixed
-held-out tasks, and writes (through ``experiments.engine``) DIR/metrics.jsonl, DIR/results.json,
+held-out tasks, and writes (through ``experiments.run``) DIR/metrics.jsonl, DIR/results.json,
 DIR/model_<method>_k<k>_s<seed>.pt and DIR/U_<method>_k<k>_s<seed>.png (the learned sharing
 pattern and the adapted weight of a test task), then prints a Markdown table beside the paper's
 numbers. Data, models and protocol: docs/results.md, Table 1.
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments import engine
-from experiments.cli import run_cli
-from experiments.engine import Experiment, Plan, Tags, build_maml
+from experiments import cli
+from experiments.control import run_cli
 from experiments.presets import SYNTHETIC, RunConfig
 from experiments.report import tables_per_seed
+from experiments.run import Experiment, Plan, Tags, build_maml
 from msr import MSRLinear, bases, viz
 from msr.distributed import sharded_evaluate
 from msr.equivariance import adapted_translation_equivariance_error
@@ -193,7 +193,7 @@ EXPERIMENT = Synthetic()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return engine.main(EXPERIMENT, argv)
+    return cli.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

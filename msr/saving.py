@@ -279,16 +279,24 @@ def build(spec: dict[str, Any], max_parameters: int = MAX_PARAMETERS) -> nn.Modu
     return _build(spec)
 
 
-def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | Path,
+    metadata: dict[str, Any] | None = None,
+    *,
+    state: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (a ``MAML``, ``ProtoNet`` or network) to ``path`` atomically: its
-    ``architecture``, its state dict (on the CPU) and ``metadata`` (plain values: numbers,
-    strings, lists, dicts), checksummed. Returns the path."""
+    ``architecture``, its state dict (on the CPU), ``metadata`` (plain values: numbers,
+    strings, lists, dicts) and ``state`` (what a training run needs to continue, e.g. an
+    optimizer's state dict: tensors and plain values), all checksummed. Returns the path."""
     path = Path(path)
     payload = {
         "format": FORMAT,
         "architecture": architecture(model),
         "state_dict": {n: t.detach().cpu() for n, t in model.state_dict().items()},
         "metadata": metadata or {},
+        "state": state or {},
     }
     checked = with_checksum(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,8 +305,9 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
 
 
 def read(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A model file's contents (``architecture``, ``state_dict`` and the rest), loaded without
-    running code and verified against its checksum; a ``ModelFileError`` says what is wrong."""
+    """A model file's contents (``architecture``, ``state_dict``, ``metadata``, ``state``),
+    loaded without running code and verified against its checksum; a ``ModelFileError`` says
+    what is wrong."""
     path = Path(path)
     saved = load_weights_only(path, map_location)
     try:
@@ -307,10 +316,10 @@ def read(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise ModelFileError(f"{path} {error}") from None
     if "architecture" not in payload or not isinstance(payload.get("state_dict"), dict):
         raise ModelFileError(f"{path} is a checksummed file but not a model file (no architecture)")
-    written = payload.get("format", FORMAT)  # the drivers' model files have none: version 1
+    written = payload.get("format", FORMAT)  # the drivers' model files had none: version 1
     if written != FORMAT:
         raise ModelFileError(f"{path} is in format {written!r}; this msr reads {FORMAT}")
-    return payload
+    return {"metadata": {}, "state": {}, **payload}
 
 
 def load(

@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import REPO_ROOT
 
-from experiments.cli import run_cli
+from experiments.control import run_cli
 
 
 def logged_metrics(path: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from conftest import FIXTURE_NPZ, REPO_ROOT
 from run_records import assert_redraw_reproduces, driver_status
 
 import msr
-from experiments import engine, few_shot
+from experiments import cli, few_shot
 from experiments.presets import FEW_SHOT
 
 
@@ -38,7 +38,7 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     capsys.readouterr()
     # the refusals in this process (the same run_cli as the command's, no interpreter to start;
     # the driver's malloc tuning left out, as it would stay with the test process)
-    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: False)
     refused = ["--method", "msr", "--preset", "tiny", "--out", str(parts)]
     assert driver_status(few_shot.main, "experiments.few_shot", refused) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -62,9 +62,10 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and {r["method"] for r in lines} == {"msr"}
     assert all(0 <= r["val_accuracy"] <= 1 for r in lines)  # a fraction, as evaluate gives it
-    saved = torch.load(whole / "model_msr_omniglot_5w1s_s0.pt", weights_only=True)
-    assert saved["driver"] == "few_shot" and saved["tags"]["method"] == "msr"
-    assert saved["step"] == 4 and saved["preset"] == "tiny"
+    saved = msr.saving.read(whole / "model_msr_omniglot_5w1s_s0.pt")
+    job = saved["metadata"]
+    assert job["driver"] == "few_shot" and job["tags"]["method"] == "msr"
+    assert job["step"] == 4 and job["preset"] == "tiny"
     cfg = FEW_SHOT["omniglot"]["tiny"]
     assert (
         saved["state_dict"].keys() == few_shot.build_learner("msr", 1, 5, cfg).state_dict().keys()

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO_ROOT
 from run_records import assert_redraw_reproduces
 
+import msr
 from experiments.presets import ROTATION
 from experiments.rotation import METHODS, PROTOCOLS, make_data
 from synthetic.rotation2d import CANDIDATE_GROUPS
@@ -68,8 +69,9 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
 
     # each run's model is saved; the learned U's are drawn, and redrawn from the model files
     assert len(list(out.glob("model_*.pt"))) == len(METHODS) * len(PROTOCOLS)
-    saved = torch.load(out / "model_MSR-Conv-dense_c8_swept_s1.pt", weights_only=True)
-    assert saved["driver"] == "rotation" and saved["config"]["lr_candidates"] == (0.1, 10.0)
+    saved = msr.saving.read(out / "model_MSR-Conv-dense_c8_swept_s1.pt")
+    job = saved["metadata"]
+    assert job["driver"] == "rotation" and job["config"]["lr_candidates"] == (0.1, 10.0)
     assert saved["state_dict"]["model.U"].shape == (24 * 9, 18)
     figures = sorted(out.glob("U_*.png"))
     assert [f.name for f in figures] == sorted(

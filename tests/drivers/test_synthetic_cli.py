@@ -71,10 +71,9 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
 
     # what each run learned is saved, loads without running code, and redraws its figure
     saved = torch.load(out / "model_MSR-FC_k1_s3.pt", weights_only=True)
-    assert saved["driver"] == "synthetic" and saved["seed"] == 3
-    assert (
-        saved["tags"] == {"method": "MSR-FC", "k": 1, "seed": 3} and saved["config"]["steps"] == 6
-    )
+    job = saved["metadata"]  # an msr.save file: the job and its progress beside the model
+    assert job["driver"] == "synthetic" and job["seed"] == 3
+    assert job["tags"] == {"method": "MSR-FC", "k": 1, "seed": 3} and job["config"]["steps"] == 6
     assert saved["state_dict"]["model.U"].shape == (68 * 70, 3)
     assert len(list(out.glob("model_*.pt"))) == len(runs)
     figure = out / "U_MSR-FC_k1_s3.png"

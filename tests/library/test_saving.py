@@ -154,7 +154,9 @@ def test_a_drivers_model_file_loads_without_the_drivers(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["MAML", "1", "18"]
-    assert msr.saving.read(model)["tags"]["method"] == "msr"  # the driver's fields beside it
+    assert (
+        msr.saving.read(model)["metadata"]["tags"]["method"] == "msr"
+    )  # the driver's fields beside it
 
 
 def test_a_learners_test_time_inner_steps_travel_with_its_model_file(tmp_path):

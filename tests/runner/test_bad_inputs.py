@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURE_NPZ
 from run_records import driver_status, error_lines
 
-from experiments import engine, few_shot, redraw, synthetic
+from experiments import cli, few_shot, redraw, synthetic
 from experiments.cli import seed_value
 from msr.data import load_omniglot
 from msr.data.episodes import ImageClasses
@@ -25,7 +25,7 @@ DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": red
 @pytest.fixture(autouse=True)
 def _in_process(monkeypatch):
     """The drivers' malloc tuning would stay with the test process: leave malloc alone."""
-    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: False)
 
 
 def _one_line(capsys, name, *argv, status=2):

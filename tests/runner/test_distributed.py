@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import REPO_ROOT
 from run_records import children, logged_metrics
 
+import msr
 from msr import MAML, MSRLinear, TaskBatch
 from msr.distributed import (
     average_gradients,
@@ -190,7 +191,7 @@ def started_rank1(launcher_pid: int, private: Path) -> int:
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
-    return [torch.load(path, weights_only=True)["step"] for path in out.glob("model_*.pt")]
+    return [msr.saving.read(path)["metadata"]["step"] for path in out.glob("model_*.pt")]
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")

@@ -22,8 +22,9 @@ from run_records import children, driver_status, error_lines
 
 import msr
 from experiments import synthetic
+from experiments.control import RunError
 from experiments.presets import SYNTHETIC
-from experiments.rundir import RunError, claim_output
+from experiments.rundir import claim_output
 from msr import MAML, ModelFileError, MSRLinear, NonFiniteLossError, ProtoNet, TaskBatch
 from msr._files import with_checksum
 from msr.data import ImageClasses, load_omniglot
@@ -462,7 +463,7 @@ def test_a_killed_or_frozen_torchrun_rank_ends_the_run_with_one_line(tmp_path, h
             os.kill(rank1, signal.SIGKILL)
     assert time.monotonic() - sent < 90
     assert "rank 0 lost contact with another rank" in err, err
-    assert "experiments/engine.py" not in err  # no traceback of the run's (torchrun has one)
+    assert "experiments/run.py" not in err  # no traceback of the run's (torchrun has one)
     if how == signal.SIGKILL:  # its folder stays behind: the next run's rank 1 removes it
         assert list(private.glob("msr-rank1-*"))
         rerun = subprocess.run(
@@ -479,7 +480,7 @@ def test_redraw_refuses_a_run_that_is_still_going(tmp_path, capsys):
     out = tmp_path / "run"
     options = [*SYNTHETIC_TINY, "--out", str(out)]
     assert driver_status(synthetic.main, "synthetic", [*options, "--steps", "2"]) == 0
-    saved = torch.load(out / "model_MSR-FC_k1_s0.pt", weights_only=True)
+    saved = msr.saving.read(out / "model_MSR-FC_k1_s0.pt")["metadata"]
     assert saved["step"] == saved["config"]["steps"]
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
@@ -507,14 +508,13 @@ def test_redraw_refuses_a_run_that_is_still_going(tmp_path, capsys):
 
 def test_redraw_of_a_run_with_no_finished_job_says_so(tmp_path, capsys):
     from experiments import redraw
-    from experiments.runfiles import load_model, save_checked
 
     out = tmp_path / "run"
     assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 0
     model = out / "model_MSR-FC_k1_s0.pt"
-    saved = load_model(model)
-    saved["step"] = 1  # as a checkpoint midway leaves it
-    save_checked(model, saved)
+    saved = msr.saving.read(model)
+    metadata = {**saved["metadata"], "step": 1}  # as a checkpoint midway leaves it
+    msr.save(msr.load(model), model, metadata, state=saved["state"])
     capsys.readouterr()
     assert driver_status(redraw.main, "redraw", [str(out)]) == 2
     assert "no job has finished training" in capsys.readouterr().err

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.cli import Stopped, deferred_stops, with_settings
-from experiments.engine import outer_groups, outer_steps
+from experiments.cli import with_settings
+from experiments.control import Stopped, deferred_stops
 from experiments.presets import FEW_SHOT, RunConfig
+from experiments.run import outer_groups, outer_steps
 from msr import MAML, MSRLinear, NonFiniteLossError, TaskBatch
 
 

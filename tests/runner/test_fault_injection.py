@@ -19,9 +19,10 @@ import pytest
 import torch
 from run_records import driver_status, error_lines, logged_metrics
 
-from experiments import engine, few_shot, rotation, synthetic
+import msr
+from experiments import cli, few_shot, rotation, synthetic
 from experiments.rundir import LOCK_NAME
-from experiments.runfiles import MetricsLog, load_checked, load_model, read_results
+from experiments.runfiles import MetricsLog, read_results
 from msr import MAML
 
 DRIVERS = {  # module, and the arguments of a tiny run of two jobs (few_shot: one)
@@ -67,7 +68,7 @@ def _without_times(value):
 def _outcome(out: Path):
     """What a finished run leaves, without wall times: results, metrics, learned states."""
     models = {
-        p.name: {k: v.tolist() for k, v in load_model(p)["state_dict"].items()}
+        p.name: {k: v.tolist() for k, v in msr.saving.read(p)["state_dict"].items()}
         for p in sorted(out.glob("model_*.pt"))
     }
     return (
@@ -144,7 +145,7 @@ class _FillingStream:
 @pytest.fixture(autouse=True)
 def _in_process(monkeypatch):
     """The drivers' malloc tuning would stay with the test process: leave malloc alone."""
-    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def reference(tmp_path_factory):
     writes it made (to place each fault midway)."""
     found = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "reuse_freed_memory", lambda: False)
+        patch.setattr(cli, "reuse_freed_memory", lambda: False)
         for name in DRIVERS:
             out = tmp_path_factory.mktemp(name)
             steps, evaluations = Counter(), Counter()
@@ -205,7 +206,7 @@ def test_a_disk_that_fills_midway_loses_nothing(tmp_path, monkeypatch, capsys, n
     assert LOCK_NAME not in left and not [n for n in left if n.endswith(".tmp")]
     read_results(out / "results.json") if "results.json" in left else None  # intact, verified
     for model in [n for n in left if n.startswith("model_")]:
-        load_checked(out / model)
+        msr.saving.read(out / model)  # intact, verified
     disk.full_at = None
     assert _cli(name, out, "--resume") == 0
     assert _outcome(out) == reference[name]["outcome"]
@@ -236,7 +237,7 @@ def test_sigterm_during_validation_then_resume(tmp_path, monkeypatch, capsys, na
     assert status == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err
     if name == "few_shot":
-        saved = load_checked(out / FEW_SHOT_MODEL)
+        saved = msr.saving.read(out / FEW_SHOT_MODEL)["metadata"]
         assert saved["step"] == 4 and saved["unvalidated"] is not None
         assert [r["step"] for r in logged_metrics(out / "metrics.jsonl")] == [2]
     assert _cli(name, out, "--resume") == 0

@@ -17,9 +17,9 @@ import torch
 from conftest import REPO_ROOT
 from run_records import driver_status, logged_metrics
 
-from experiments import engine, synthetic
-from experiments.cli import run_cli
-from experiments.rundir import LOCK_NAME, WriteFailedError
+from experiments import cli, synthetic
+from experiments.control import WriteFailedError, run_cli
+from experiments.rundir import LOCK_NAME
 from experiments.runfiles import MetricsLog, atomic_write, read_results, write_results
 
 
@@ -44,7 +44,7 @@ def synthetic_here(monkeypatch, capsys):
     """``_synthetic`` in this process (no interpreter and torch to start): a
     ``CompletedProcess`` of its status and stderr. The driver's malloc tuning is left out, as
     it would stay with the test process."""
-    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: False)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: False)
 
     def run(out, *more):
         argv = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1", "--out", str(out), *more]

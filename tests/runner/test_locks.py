@@ -12,14 +12,16 @@ import time
 import pytest
 from conftest import REPO_ROOT
 
-from experiments.rundir import LOCK_NAME, RunError, claim_output
+from experiments.control import RunError
+from experiments.rundir import LOCK_NAME, claim_output
 
 # Claims --out at a given moment, holds it a while, and says whether it won.
 CLAIM = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from experiments.rundir import RunError, claim_output
+    from experiments.control import RunError
+    from experiments.rundir import claim_output
     out, start, hold = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
     time.sleep(max(0.0, start - time.time()))
     try:

@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO_ROOT
 from run_records import alive, children, logged_metrics
 
+import msr
 from experiments import few_shot
-from experiments.cli import Stopped, deferred_stops, raise_if_stopped
+from experiments.control import Stopped, deferred_stops, raise_if_stopped
 from experiments.presets import FEW_SHOT as FEW_SHOT_PRESETS
 from experiments.runfiles import write_results
 from msr import ProtoNet
@@ -65,7 +65,7 @@ STOPS = [
 
 def _checkpoint_step(path):
     try:
-        return torch.load(path, weights_only=True)["step"]
+        return msr.saving.read(path)["metadata"]["step"]
     except (OSError, RuntimeError, EOFError):
         return -1
 
@@ -123,7 +123,7 @@ def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
         time.sleep(0.05)  # the step-0 checkpoint is written first
     _stop(process, signum, expected_status)
     assert json.loads((killed / "results.json").read_text())["runs"] == []  # stopped midway
-    stopped_at = torch.load(killed / FEW_SHOT_MODEL, weights_only=True)["step"]
+    stopped_at = msr.saving.read(killed / FEW_SHOT_MODEL)["metadata"]["step"]
     assert 0 < stopped_at < 30
 
     resumed = subprocess.run(
@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
         few_shot.main(
             ["--method", "protonet", "--preset", "tiny", "--steps", "6", "--out", str(out)]
         )
-    assert torch.load(out / PROTONET_MODEL, weights_only=True)["step"] == 2
+    assert msr.saving.read(out / PROTONET_MODEL)["metadata"]["step"] == 2
     assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
@@ -289,7 +289,7 @@ def test_a_stopped_few_shot_run_checkpoints_the_step_it_stopped_at(tmp_path, mon
         few_shot.main(
             ["--method", "protonet", "--preset", "tiny", "--steps", "20", "--out", str(out)]
         )
-    assert torch.load(out / PROTONET_MODEL, weights_only=True)["step"] == 5
+    assert msr.saving.read(out / PROTONET_MODEL)["metadata"]["step"] == 5
 
 
 def _lines(path):

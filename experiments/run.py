@@ -35,25 +35,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from experiments import report
-from experiments.cli import (
-    Stopped,
-    parse,
-    raise_if_stopped,
-    share_run_files,
-    stop_signal,
-)
+from experiments.control import RunError, RunFailedError, Stopped, raise_if_stopped
 from experiments.presets import RunConfig
-from experiments.rundir import RunError, RunFailedError, claim_output, run_outputs
+from experiments.rundir import run_outputs
 from experiments.runfiles import (
     MetricsLog,
     differences,
     keep_lines,
-    load_checked,
-    load_model,
     provenance,
+    read_checkpoint,
     read_results,
-    recorded_outputs,
-    save_checked,
+    save_checkpoint,
     save_figure,
     write_results,
 )
@@ -65,7 +57,6 @@ from msr.distributed import (
     shard_tasks,
 )
 from msr.episodic import NonFiniteLossError
-from msr.saving import architecture
 from msr.streams import keyed_generator
 
 if TYPE_CHECKING:
@@ -173,39 +164,6 @@ def build_maml(model: torch.nn.Module, cfg: RunConfig, **options: Any) -> MAML:
     )
 
 
-def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run ``experiment`` as its command line asks; its results.json contents."""
-    args, cfg, device = parse(experiment, argv)
-    reuse_freed_memory()
-    experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
-    rank, world_size = rank_and_world_size()
-    recorded = functools.partial(recorded_outputs, args.out, legacy_ok=args.resume)
-    with claim_output(args.out, args.resume, args.overwrite, recorded):  # rank > 0: private
-        if world_size > 1 and args.resume:
-            share_run_files(args.out)
-        results = run_jobs(experiment, args, cfg, device)
-        lines = experiment.report(results, args)
-        _write_results(args.out, results)
-    if rank:
-        return results  # rank 0 reports
-    devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
-    print(
-        f"\nMeta-test {experiment.metric_label} ± 95% CI over {cfg.test_tasks} held-out tasks "
-        f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
-        f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on {devices}, "
-        f"wall {results['wall_s']:.0f} s):\n"
-    )
-    if len(args.seeds) > 1:
-        print(report.seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
-        if any(run["method"] == experiment.proposed for run in results["runs"]):
-            metric, better = experiment.metric, experiment.higher_is_better
-            pooled = report.pool_runs([(str(args.out), results)], metric, better)
-            print("\n".join(report.comparison_lines(pooled, experiment.proposed, args.methods)))
-    print("\n".join(lines))
-    print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
-    return results
-
-
 def run_jobs(
     experiment: Experiment, args: argparse.Namespace, cfg: RunConfig, device: torch.device
 ) -> dict[str, Any]:
@@ -240,7 +198,7 @@ def run_jobs(
         results.update(_resumable(results_path, results, cfg))
         finished = {key(run) for run in results["runs"]}
         reached = {  # how far each unfinished job's checkpoint got
-            key(tags): load_checked(path)["step"]
+            key(tags): read_checkpoint(path)["metadata"]["step"]
             for tags in jobs
             if key(tags) not in finished
             and (path := _model_path(args.out, experiment, tags)).exists()
@@ -253,7 +211,7 @@ def run_jobs(
         )
     else:
         metrics_path.unlink(missing_ok=True)
-    _write_results(args.out, results)  # a stop from here on can --resume
+    write_results_file(args.out, results)  # a stop from here on can --resume
     order = {key(tags): i for i, tags in enumerate(jobs)}
     prior_wall, start = results["wall_s"], time.perf_counter()
 
@@ -262,7 +220,7 @@ def run_jobs(
         results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
         results["aggregate"] = report.aggregate_seeds(results["runs"], keys, experiment.metric)
         results["wall_s"] = prior_wall + time.perf_counter() - start
-        _write_results(args.out, results)
+        write_results_file(args.out, results)
 
     def steps_of(tags: Tags) -> int:
         return cfg.steps + experiment.tuning_steps(tags, cfg)
@@ -287,7 +245,7 @@ def run_jobs(
     return results
 
 
-def _write_results(out: Path, results: dict[str, Any]) -> None:
+def write_results_file(out: Path, results: dict[str, Any]) -> None:
     """results.json, its ``outputs`` grown by the run files now in ``out`` (e.g. a report's
     figures): what a run writes in ``out`` while it holds the lock is its own."""
     results["outputs"] = sorted({*results["outputs"], *run_outputs(out)})
@@ -363,8 +321,8 @@ def run_job(
     entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
     entry["device"] = str(device)
     model = _model_path(args.out, experiment, tags)  # as the job leaves the learner (e.g. the
-    saved = load_model(model)  # test-time inner steps its result chose: msr.load's default)
-    save_checked(model, {**saved, "architecture": architecture(plan.learner)})
+    saved = read_checkpoint(model)  # test-time inner steps its result chose: msr.load's default)
+    save_checkpoint(model, plan.learner, saved["metadata"], saved["state"])
     final = entry[experiment.metric] * experiment.metric_to_board
     log.hparams(tags, asdict(tuned), {f"final/{experiment.metric}": final})
     if plan.draw is not None and (figure := plan.draw(entry)) is not None:
@@ -400,21 +358,16 @@ def fit(
     first = 1 if state is None else state["step"] + 1
     start = time.perf_counter() - (0.0 if state is None else state["elapsed_s"])
 
-    described = architecture(learner)  # what msr.load rebuilds it from
-
     def save(step: int, unvalidated: float | None = None) -> None:
         if checkpoint is not None:
-            payload = {
-                **(identity or {}),
-                "architecture": described,
+            progress = {
                 "config": asdict(cfg),
                 "step": step,
-                "state_dict": {n: t.detach().cpu() for n, t in learner.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
                 "elapsed_s": time.perf_counter() - start,
                 "unvalidated": unvalidated,  # the train loss of a step whose probe was cut off
             }
-            save_checked(checkpoint, payload)
+            state = {"optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint, learner, {**(identity or {}), **progress}, state)
 
     def probe(step: int, train_loss: float) -> None:
         try:
@@ -496,12 +449,13 @@ def _load_checkpoint(
     learner: EpisodicLearner,
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (None if there is none), checked to be this job's, loaded
-    into ``learner`` and ``optimizer``."""
+    """The progress recorded in the checkpoint at ``path`` (None if there is none: step,
+    elapsed_s, unvalidated), checked to be this job's, loaded into ``learner`` and
+    ``optimizer``."""
     if path is None or not path.exists():
         return None
-    state = load_model(path, map_location=next(learner.parameters()).device)
-    identity = identity or {}
+    saved = read_checkpoint(path, map_location=next(learner.parameters()).device)
+    state, identity = saved["metadata"], identity or {}
     theirs = {
         **{k: state.get(k) for k in identity},
         "config": {**state["config"], "steps": cfg.steps},
@@ -513,8 +467,8 @@ def _load_checkpoint(
             f"{path} has trained {state['step']} steps, more than --steps {cfg.steps}: resume "
             "with at least as many (or start a new run)"
         )
-    learner.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
+    learner.load_state_dict(saved["state_dict"])
+    optimizer.load_state_dict(saved["state"]["optimizer"])
     return state
 
 
@@ -541,10 +495,12 @@ def outer_steps(
     rank, world_size = rank_and_world_size()
     device = next(learner.parameters()).device
     for step in steps:
-        if signum := stop_signal(device):  # agreed between ranks
+        try:
+            raise_if_stopped(device)  # agreed between ranks
+        except Stopped:
             if on_stop is not None:
                 on_stop(step - 1)
-            raise Stopped(signum)
+            raise
         optimizer.zero_grad()
         tasks = meta_batch(step)
         if world_size > 1:
