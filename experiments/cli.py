@@ -164,13 +164,12 @@ def parse(
         formatter_class=DefaultsHelpFormatter,
     )
     experiment.add_arguments(parser)
-    add_run_arguments(parser, experiment.preset_names, experiment.default_preset)
+    add_run_arguments(parser, list(experiment.presets), experiment.default_preset)
     args = parser.parse_args(argv)
     try:
-        experiment.check_arguments(args)
+        cfg = experiment.config(args)
     except ValueError as error:
         parser.error(str(error))
-    cfg = experiment.config(args)
     args.seeds = args.seeds or [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
@@ -318,13 +317,13 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
     """Run ``experiment`` as its command line asks; its results.json contents."""
     args, cfg, device = parse(experiment, argv)
     reuse_freed_memory()
-    experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
+    data = experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
     rank, world_size = rank_and_world_size()
     recorded = functools.partial(recorded_outputs, args.out, legacy_ok=args.resume)
     with claim_output(args.out, args.resume, args.overwrite, recorded):  # rank > 0: private
         if world_size > 1 and args.resume:
             share_run_files(args.out)
-        results = run_jobs(experiment, args, cfg, device)
+        results = run_jobs(experiment, args, cfg, device, data)
         lines = experiment.report(results, args)
         write_results_file(args.out, results)
     if rank:

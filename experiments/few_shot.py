@@ -249,7 +249,6 @@ class FewShot(Experiment):
     name = "few_shot"
     description = __doc__.split("\n")[0]
     presets = FEW_SHOT["omniglot"]
-    config_type = FewShotConfig
     default_preset = "cpu"
     metric = "accuracy"
     metric_label = "accuracy (%)"
@@ -291,7 +290,7 @@ class FewShot(Experiment):
             "either way, so accuracies stay comparable",
         )
 
-    def check_arguments(self, args: argparse.Namespace) -> None:
+    def config(self, args: argparse.Namespace) -> FewShotConfig:
         if args.data is None and args.dataset != "omniglot":
             raise ValueError(f"--data is required for {args.dataset} (the standard layout's root)")
         if args.preset not in FEW_SHOT[args.dataset]:
@@ -302,8 +301,6 @@ class FewShot(Experiment):
         grid = args.test_inner_steps
         if grid is not None and len(set(grid)) != len(grid):
             raise ValueError(f"--test-inner-steps must differ, got {grid}")
-
-    def config(self, args: argparse.Namespace) -> FewShotConfig:
         cfg = FEW_SHOT[args.dataset][args.preset]
         if args.test_inner_steps is not None:
             cfg = replace(cfg, test_inner_steps=tuple(args.test_inner_steps))
@@ -311,8 +308,11 @@ class FewShot(Experiment):
             cfg = replace(cfg, augment=args.augment)
         return cfg
 
-    def check(self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device) -> None:  # type: ignore[override]
-        """Find and load the data, and check that it holds episodes of every job's shape."""
+    def check(  # type: ignore[override]
+        self, args: argparse.Namespace, cfg: FewShotConfig, device: torch.device
+    ) -> dict[str, str]:
+        """Find and load the data, check that it holds episodes of every job's shape; its
+        path and fingerprint (with the Omniglot .npz's class lists)."""
         if args.data is None:  # Omniglot by the data rule
             try:
                 args.data = find_omniglot(data_roots_beside_checkout())
@@ -327,8 +327,6 @@ class FewShot(Experiment):
                         check_episodes(classes, ways, shots, cfg.queries)
                     except ValueError as error:
                         raise RunError(f"{name} split of {args.data}: {error}") from None
-
-    def data_identity(self, args: argparse.Namespace) -> dict[str, str]:
         data = Path(args.data)
         lists = data.parent / "splits" / "vinyals"  # the Omniglot .npz's class lists
         extra = [lists / f"{s}.txt" for s in ("train", "val", "test")] if data.is_file() else []

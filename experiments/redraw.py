@@ -51,7 +51,9 @@ def redraw_run(out: Path) -> list[Path]:
         if entry is None:
             raise RunError(f"{path}: no run {tags} in {results}")
         cpu = torch.device("cpu")
-        plan = experiment.plan(tags, experiment.config_type(**job["config"]), None, cpu)
+        config_type = type(next(iter(experiment.presets.values())))  # its presets' dataclass
+        cfg = config_type(**job["config"])
+        plan = experiment.plan(tags, cfg, None, cpu)
         plan.learner.load_state_dict(saved["state_dict"])
         if plan.draw is not None and (figure := plan.draw(entry)) is not None:
             written.append(save_figure(figure, experiment.figure_path(out, tags)))

@@ -141,7 +141,6 @@ class Rotation(Experiment):
     name = "rotation"
     description = __doc__.split("\n")[0]
     presets = ROTATION
-    config_type = RotationConfig
     proposed = "MSR-Conv"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

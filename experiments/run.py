@@ -78,12 +78,11 @@ class Plan:
 
 
 class Experiment:
-    """Which data, which model and which metrics: one subclass per table (see ``engine``)."""
+    """Which data, which model and which metrics: one subclass per table (see the module)."""
 
     name: str  # experiments.<name>, and the "driver" of its model files
     description: str
     presets: Mapping[str, RunConfig]
-    config_type: type[RunConfig] = RunConfig
     default_preset = "quick"
     metric = "mse"  # the results field averaged over seeds
     metric_label = "MSE"  # its name in the printed tables
@@ -92,26 +91,20 @@ class Experiment:
     metric_to_board = 1.0  # times the metric is its TensorBoard value (accuracy: a fraction)
     figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
 
-    @property
-    def preset_names(self) -> list[str]:
-        return list(self.presets)
-
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The experiment's own flags (which methods, which data)."""
 
-    def check_arguments(self, args: argparse.Namespace) -> None:
-        """Refuse a bad combination of flags (``ValueError``: a usage error)."""
-
     def config(self, args: argparse.Namespace) -> RunConfig:
-        """The preset the command line names."""
+        """The preset the command line names; a bad combination of flags is a ``ValueError``
+        (a usage error)."""
         return self.presets[args.preset]
 
-    def check(self, args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> None:
-        """Check the inputs (e.g. load the data) before ``--out`` is touched (``RunError``)."""
-
-    def data_identity(self, args: argparse.Namespace) -> dict[str, str] | None:
-        """The data the run reads, as {"path", "sha256"} (``msr.data.fingerprint``): recorded
-        in results.json and checked on ``--resume``; None for data drawn from the seed."""
+    def check(
+        self, args: argparse.Namespace, cfg: RunConfig, device: torch.device
+    ) -> dict[str, str] | None:
+        """Check the inputs (e.g. load the data) before ``--out`` is touched (``RunError``);
+        the data the run reads, as {"path", "sha256"} (``msr.data.fingerprint``), recorded in
+        results.json and checked on ``--resume``; None for data drawn from the seed."""
         return None
 
     def jobs(self, args: argparse.Namespace) -> list[Tags]:
@@ -165,7 +158,11 @@ def build_maml(model: torch.nn.Module, cfg: RunConfig, **options: Any) -> MAML:
 
 
 def run_jobs(
-    experiment: Experiment, args: argparse.Namespace, cfg: RunConfig, device: torch.device
+    experiment: Experiment,
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    device: torch.device,
+    data: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run every job (its tags and each seed) under one progress bar, logging to
     ``args.out/metrics.jsonl``; results.json is rewritten (atomically) after every job, so
@@ -179,7 +176,7 @@ def run_jobs(
     results: dict[str, Any] = {
         **provenance(args.seeds, args.preset),
         "config": asdict(cfg),
-        "data": experiment.data_identity(args),
+        "data": data,  # what experiment.check found
         "runs": [],
         "aggregate": [],
         "wall_s": 0.0,
