@@ -318,7 +318,7 @@ def plot_curves(
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    from experiments.redraw import EXPERIMENTS  # the drivers import the engine, which imports us
+    from experiments.redraw import EXPERIMENTS  # the drivers import the runner, which imports us
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="run folders (their results.json)")

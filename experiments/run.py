@@ -1,12 +1,11 @@
-"""The one engine every experiment runs on: jobs, the meta-training loop, results.
+"""What every experiment runs on: its jobs, the meta-training loop, its results.
 
 An experiment (``Experiment``: one small file per table) says which jobs a command line asks
-for, and for each job which data, which model and which metrics (a ``Plan``). The engine does
-the rest, the same way for every experiment:
+for, and for each job which data, which model and which metrics (a ``Plan``). This module does
+the rest, the same way for every experiment (``experiments.cli.main`` calls it):
 
-- ``main``: parse the command line (``experiments.cli.parse``), hold ``--out``, run the jobs
-  (``run_jobs``: one per tag combination and seed, in this process or in ``--workers``
-  processes), write results.json after every job, print the tables.
+- ``run_jobs``: one job per tag combination and seed, in this process or in ``--workers``
+  processes, under one progress bar; results.json after every job.
 - ``fit``: the meta-training of one job: the meta-batch of step ``s`` from a stream keyed by
   (seed, s), ``outer_steps`` (the only place where outer steps happen), a probe logged every
   ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps and at a stop.
@@ -67,7 +66,7 @@ Tags = dict[str, Any]  # what names a job, e.g. {"method": "MSR-FC", "k": 1, "se
 
 @dataclass
 class Plan:
-    """One job, ready to train: what an experiment hands the engine."""
+    """One job, ready to train: what an experiment hands ``run_jobs``."""
 
     learner: EpisodicLearner
     meta_batch: Callable[[torch.Generator], TaskBatch]  # training tasks from a step's stream

@@ -4,9 +4,7 @@
 - ``claim_output``: a run never replaces an earlier run's files unless told (``--resume`` to
   continue it, ``--overwrite`` to replace it), and two runs never share a directory (an
   ``flock``-ed lock file naming its holder; a lock left by a dead process is taken over).
-- ``RunError``: a problem the user can fix (a bad path, a corrupt or foreign file, a busy
-  directory), shown by ``experiments.cli.run_cli`` as one line; ``RunFailedError`` one the run
-  met (e.g. a full disk: a failed write leaves the previous file intact, ``WriteFailedError``).
+- Its refusals are ``experiments.control.RunError``: one line, exit status 2.
 
 No torch here: a start that only claims its folder (or is refused) is quick.
 """

@@ -1,13 +1,18 @@
 """The one meta-training loop: steps in order, a stop taken between steps after ``on_stop``
-has kept the finished ones, and a diverged loss named with its step."""
+has kept the finished ones, and a diverged loss named with its step; the minimal experiment of
+the architecture guide runs as printed."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT
 from torch import nn
 
 from experiments.cli import with_settings
@@ -98,3 +103,38 @@ def test_settings_override_any_field_typed_and_checked():
     ]:
         with pytest.raises(ValueError, match=message):
             with_settings(cfg, settings)
+
+
+def test_the_complete_experiment_of_the_architecture_guide_runs_as_shown(tmp_path):
+    """docs/architecture.md's minimal experiment, as printed there (at most 80 lines): a
+    command with the runner's flags, one model file and figure per job, results.json."""
+    guide = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    code = guide.split("### A complete experiment", 1)[1].split("```python\n", 1)[1]
+    code = code.split("```", 1)[0]
+    assert len(code.splitlines()) <= 80
+    script = tmp_path / "circulant.py"
+    script.write_text(code)
+    out = tmp_path / "run"
+    command = [sys.executable, str(script), "--out", str(out), "--steps", "20"]
+    command += ["--set", "eval_every=10", "test_tasks=8", "--seeds", "0", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "MSR-FC (seed 1): " in done.stdout and "MAML-FC (seed 0): " in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [
+        ("MSR-FC", 0),
+        ("MAML-FC", 0),
+        ("MSR-FC", 1),
+        ("MAML-FC", 1),
+    ]
+    assert all(0 < r["mse"] < float("inf") for r in results["runs"])
+    assert 0 <= results["runs"][0]["symmetry"]["recall"] <= 1
+    assert {p.name for p in out.glob("*.p*")} == {
+        "model_MSR-FC_s0.pt",
+        "model_MAML-FC_s0.pt",
+        "model_MSR-FC_s1.pt",
+        "model_MAML-FC_s1.pt",
+        "U_MSR-FC_s0.png",
+        "U_MSR-FC_s1.png",
+    }
