@@ -330,16 +330,15 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
         return results  # rank 0 reports
     devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
     print(
-        f"\nMeta-test {experiment.metric_label} ± 95% CI over {cfg.test_tasks} held-out tasks "
+        f"\nMeta-test {experiment.metric.label} ± 95% CI over {cfg.test_tasks} held-out tasks "
         f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
         f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on {devices}, "
         f"wall {results['wall_s']:.0f} s):\n"
     )
     if len(args.seeds) > 1:
-        print(report.seed_table(results["aggregate"], experiment.metric, experiment.metric_label))
+        print(report.seed_table(results["aggregate"], experiment.metric))
         if any(run["method"] == experiment.proposed for run in results["runs"]):
-            metric, better = experiment.metric, experiment.higher_is_better
-            pooled = report.pool_runs([(str(args.out), results)], metric, better)
+            pooled = report.pool_runs([(str(args.out), results)], experiment.metric)
             print("\n".join(report.comparison_lines(pooled, experiment.proposed, args.methods)))
     print("\n".join(lines))
     print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")

@@ -36,7 +36,7 @@ from experiments import cli
 from experiments.cli import positive_int
 from experiments.control import RunError, raise_if_stopped, run_cli
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
-from experiments.report import plot_curves
+from experiments.report import ACCURACY, plot_curves
 from experiments.run import Experiment, Plan, Tags, build_maml
 from experiments.rundir import REPO_ROOT
 from experiments.runfiles import read_records, save_figure
@@ -250,11 +250,8 @@ class FewShot(Experiment):
     description = __doc__.split("\n")[0]
     presets = FEW_SHOT["omniglot"]
     default_preset = "cpu"
-    metric = "accuracy"
-    metric_label = "accuracy (%)"
-    higher_is_better = True
+    metric = ACCURACY
     proposed = "msr"
-    metric_to_board = 0.01
     figure_prefix = "symmetry"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

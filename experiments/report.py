@@ -34,7 +34,21 @@ from msr.stats import PairedComparison, compare_paired, mean_ci95
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DIGITS = {"accuracy": 1, "mse": 4}  # as the drivers print them
+
+@dataclass(frozen=True)
+class Metric:
+    """What a driver's jobs are scored by (``Experiment.metric``)."""
+
+    field: str  # the results field averaged over seeds and compared
+    label: str  # its name in tables and figures
+    higher_is_better: bool
+    digits: int  # decimals in the comparison tables, as the drivers print it
+    board_scale: float = 1.0  # times the field is its TensorBoard value (% -> a fraction)
+
+
+MSE = Metric("mse", "MSE", higher_is_better=False, digits=4)
+ACCURACY = Metric("accuracy", "accuracy (%)", higher_is_better=True, digits=1, board_scale=0.01)
+METRICS = (MSE, ACCURACY)  # the drivers' metrics: how a run folder is read without its driver
 
 
 @dataclass(frozen=True)
@@ -53,14 +67,11 @@ class Column:
 class Pooled:
     """The runs of one or more results.json files, by column, method and seed."""
 
-    metric: str
-    higher_is_better: bool
+    metric: Metric
     runs: Mapping[Column, Mapping[str, Mapping[int, Mapping[str, Any]]]]
 
 
-def pool_runs(
-    sources: Sequence[tuple[str, Mapping[str, Any]]], metric: str, higher_is_better: bool
-) -> Pooled:
+def pool_runs(sources: Sequence[tuple[str, Mapping[str, Any]]], metric: Metric) -> Pooled:
     """Every finished job of the (folder name, results.json contents) ``sources`` by column,
     method and seed; a job in two sources, or a column run with two configurations, is a
     ``RunError``."""
@@ -70,8 +81,8 @@ def pool_runs(
     for folder, results in sources:
         tags = _tag_names(results) - {"method", "seed"}
         for run in results.get("runs", []):
-            if metric not in run:
-                raise RunError(f"{folder}: a job without {metric!r}: {run.get('method')}")
+            if metric.field not in run:
+                raise RunError(f"{folder}: a job without {metric.field!r}: {run.get('method')}")
             column = Column(results["preset"], tuple((k, v) for k, v in run.items() if k in tags))
             config, first = configs.setdefault(column, (results["config"], folder))
             if config != results["config"]:
@@ -89,7 +100,7 @@ def pool_runs(
             runs.setdefault(column, {}).setdefault(run["method"], {})[run["seed"]] = run
     if not runs:
         raise RunError(f"no finished job in {', '.join(name for name, _ in sources)}")
-    return Pooled(metric, higher_is_better, runs)
+    return Pooled(metric, runs)
 
 
 def _tag_names(results: Mapping[str, Any]) -> set[str]:
@@ -101,19 +112,26 @@ def _tag_names(results: Mapping[str, Any]) -> set[str]:
 def paired(pooled: Pooled, ours: Sequence[float], theirs: Sequence[float]) -> PairedComparison:
     """Our values against theirs, pair by pair (the same seeds, or one seed's test episodes),
     oriented by the metric: positive differences favour ours."""
-    return compare_paired(ours, theirs) if pooled.higher_is_better else compare_paired(theirs, ours)
+    return (
+        compare_paired(ours, theirs)
+        if pooled.metric.higher_is_better
+        else compare_paired(theirs, ours)
+    )
 
 
 def comparison_lines(pooled: Pooled, method: str, against: Sequence[str]) -> list[str]:
     """The Markdown report of ``method`` against each of ``against``, column by column."""
-    digits = DIGITS.get(pooled.metric, 4)
+    digits = pooled.metric.digits
     lines: list[str] = []
     for column, methods in pooled.runs.items():
         if method not in methods:
             continue
         others = [m for m in against if m in methods and m != method]
         seeds = sorted({s for runs in methods.values() for s in runs})
-        lines += [f"\n### {column.label}\n", *_seed_table(methods, seeds, pooled.metric, digits)]
+        lines += [
+            f"\n### {column.label}\n",
+            *_seed_table(methods, seeds, pooled.metric.field, digits),
+        ]
         lines += ["", *_paired_over_seeds(pooled, column, method, others, digits)]
         lines += ["", *_paired_over_episodes(pooled, column, method, others, digits)]
     if not lines:
@@ -173,10 +191,10 @@ def _paired_over_seeds(
                 f"| {method} vs {other} | {len(seeds)} | — | — | — | — | — | too few seeds |"
             )
             continue
-        ours = [runs[method][s][pooled.metric] for s in seeds]
-        theirs = [runs[other][s][pooled.metric] for s in seeds]
+        ours = [runs[method][s][pooled.metric.field] for s in seeds]
+        theirs = [runs[other][s][pooled.metric.field] for s in seeds]
         result = paired(pooled, ours, theirs)
-        sign = 1 if pooled.higher_is_better else -1
+        sign = 1 if pooled.metric.higher_is_better else -1
         per_seed = ", ".join(
             f"{sign * (a - b):+.{digits}f}" for a, b in zip(ours, theirs, strict=True)
         )
@@ -192,7 +210,7 @@ def _paired_over_seeds(
 def _paired_over_episodes(
     pooled: Pooled, column: Column, method: str, others: list[str], digits: int
 ) -> list[str]:
-    field = f"test_{pooled.metric}_by_episode"
+    field = f"test_{pooled.metric.field}_by_episode"
     runs = pooled.runs[column]
     rows = []
     for other in others:
@@ -218,12 +236,14 @@ def _paired_over_episodes(
     ]
 
 
-def draw_seeds(pooled: Pooled, column: Column, label: str) -> Any:
+def draw_seeds(pooled: Pooled, column: Column) -> Any:
     """A figure of ``column``: each method's value per seed with its 95% CI, one line each."""
     methods = pooled.runs[column]
-    curves = {m: {s: r[pooled.metric] for s, r in runs.items()} for m, runs in methods.items()}
+    curves = {
+        m: {s: r[pooled.metric.field] for s, r in runs.items()} for m, runs in methods.items()
+    }
     errors = {m: {s: r["ci95"] for s, r in runs.items()} for m, runs in methods.items()}
-    return plot_curves(curves, "seed", label, column.label, errors=errors)
+    return plot_curves(curves, "seed", pooled.metric.label, column.label, errors=errors)
 
 
 def aggregate_seeds(
@@ -258,10 +278,11 @@ def tables_per_seed(
     ]
 
 
-def seed_table(aggregate: Sequence[Mapping[str, Any]], metric: str, label: str) -> str:
-    """Markdown: per job (its tags but the seed), ``metric`` (named ``label``) over seeds as
-    'mean ± between-seed standard deviation', and each seed's value."""
-    fields = ("seeds", f"{metric}_per_seed", f"{metric}_mean", f"{metric}_std_between_seeds")
+def seed_table(aggregate: Sequence[Mapping[str, Any]], metric: Metric) -> str:
+    """Markdown: per job (its tags but the seed), ``metric`` over seeds as 'mean ±
+    between-seed standard deviation', and each seed's value."""
+    name, label = metric.field, metric.label
+    fields = ("seeds", f"{name}_per_seed", f"{name}_mean", f"{name}_std_between_seeds")
     tags = [k for k in aggregate[0] if k not in fields] if aggregate else []
     lines = [
         "| " + " | ".join([*tags, f"{label} mean ± between-seed std", "per seed"]) + " |",
@@ -318,28 +339,30 @@ def plot_curves(
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    from experiments.redraw import EXPERIMENTS  # the drivers import the runner, which imports us
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="run folders (their results.json)")
-    parser.add_argument("--method", help="the method compared (default: the driver's MSR)")
+    parser.add_argument(
+        "--method", help="the method compared (default: the one its driver proposes, e.g. msr)"
+    )
     parser.add_argument(
         "--against", nargs="+", help="the methods it is compared with (default: all)"
     )
     parser.add_argument("--figures", type=Path, help="draw seeds_<column>.png into this folder")
     args = parser.parse_args(argv)
     sources = [(str(f), read_results(f / "results.json")) for f in args.folders]
-    found = {e.metric for e in EXPERIMENTS.values() for _, r in sources if _reports(r, e.metric)}
+    found = {m for m in METRICS for _, r in sources if _reports(r, m)}
     if len(found) != 1:
-        raise RunError(
-            f"the folders' jobs report {' and '.join(sorted(found)) or 'no known metric'}: "
-            "compare the runs of one driver"
-        )
-    metric = found.pop()
-    drivers = [e for e in EXPERIMENTS.values() if e.metric == metric]
-    pooled = pool_runs(sources, metric, drivers[0].higher_is_better)
+        named = " and ".join(sorted(m.field for m in found)) or "no known metric"
+        raise RunError(f"the folders' jobs report {named}: compare the runs of one driver")
+    pooled = pool_runs(sources, found.pop())
     methods = {m for column in pooled.runs.values() for m in column}
-    method = args.method or next((e.proposed for e in drivers if e.proposed in methods), None)
+    proposed = {r["proposed"] for _, r in sources if r.get("proposed")}
+    if args.method is None and len(proposed) != 1:
+        raise RunError(
+            "the folders name no one proposed method (runs written before results.json "
+            f"recorded it, or of several drivers): pass --method, one of {sorted(methods)}"
+        )
+    method = args.method or proposed.pop()
     if method not in methods:
         raise RunError(
             f"--method {method!r} ran in none of the folders; they hold {sorted(methods)}"
@@ -351,13 +374,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     print("\n".join(lines))
     for column in pooled.runs if args.figures else ():
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", column.label).strip("-")
-        figure = draw_seeds(pooled, column, drivers[0].metric_label)
+        figure = draw_seeds(pooled, column)
         print(f"wrote {save_figure(figure, args.figures / f'seeds_{slug}.png')}")
     return lines
 
 
-def _reports(results: Mapping[str, Any], metric: str) -> bool:
-    return any(metric in run for run in results.get("runs", []))
+def _reports(results: Mapping[str, Any], metric: Metric) -> bool:
+    return any(metric.field in run for run in results.get("runs", []))
 
 
 if __name__ == "__main__":

@@ -83,11 +83,8 @@ class Experiment:
     description: str
     presets: Mapping[str, RunConfig]
     default_preset = "quick"
-    metric = "mse"  # the results field averaged over seeds
-    metric_label = "MSE"  # its name in the printed tables
-    higher_is_better = False
+    metric = report.MSE  # what its jobs are scored by
     proposed: str | None = None  # the method the others are compared with over seeds
-    metric_to_board = 1.0  # times the metric is its TensorBoard value (accuracy: a fraction)
     figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -176,6 +173,7 @@ def run_jobs(
         **provenance(args.seeds, args.preset),
         "config": asdict(cfg),
         "data": data,  # what experiment.check found
+        "proposed": experiment.proposed,  # the method experiments.report compares by default
         "runs": [],
         "aggregate": [],
         "wall_s": 0.0,
@@ -214,7 +212,9 @@ def run_jobs(
     def record(entry: dict[str, Any]) -> None:
         results["runs"].append(entry)  # kept in job order
         results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
-        results["aggregate"] = report.aggregate_seeds(results["runs"], keys, experiment.metric)
+        results["aggregate"] = report.aggregate_seeds(
+            results["runs"], keys, experiment.metric.field
+        )
         results["wall_s"] = prior_wall + time.perf_counter() - start
         write_results_file(args.out, results)
 
@@ -257,7 +257,7 @@ def _resumable(path: Path, ours: dict[str, Any], cfg: RunConfig) -> dict[str, An
     previous = read_results(path)
     if not isinstance(previous.get("runs"), list):
         raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
-    mutable = ("runs", "aggregate", "wall_s", "outputs", "data")
+    mutable = ("runs", "aggregate", "wall_s", "outputs", "data", "proposed")
     theirs = {k: previous.get(k) for k in ours if k not in mutable}
     if isinstance(theirs.get("config"), dict):
         theirs["config"] = {**theirs["config"], "steps": cfg.steps}
@@ -319,8 +319,9 @@ def run_job(
     model = _model_path(args.out, experiment, tags)  # as the job leaves the learner (e.g. the
     saved = read_checkpoint(model)  # test-time inner steps its result chose: msr.load's default)
     save_checkpoint(model, plan.learner, saved["metadata"], saved["state"])
-    final = entry[experiment.metric] * experiment.metric_to_board
-    log.hparams(tags, asdict(tuned), {f"final/{experiment.metric}": final})
+    metric = experiment.metric
+    final = entry[metric.field] * metric.board_scale
+    log.hparams(tags, asdict(tuned), {f"final/{metric.field}": final})
     if plan.draw is not None and (figure := plan.draw(entry)) is not None:
         save_figure(figure, experiment.figure_path(args.out, tags))
     return entry

@@ -106,6 +106,38 @@ def test_benchmarks_and_notebooks_use_only_public_entries_and_no_test_imports_be
     assert [p.name for p in tests if any(m.startswith("benchmarks") for m in imported(p))] == []
 
 
+def test_the_experiments_import_no_circle():
+    """experiments/ is layered (control <- rundir <- runfiles <- run <- cli <- the drivers <-
+    redraw), nested imports counted: no module reaches itself through its imports."""
+    import ast
+
+    folder = REPO_ROOT / "experiments"
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "experiments."
+            ):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {
+                    a.name.split(".")[1] for a in node.names if a.name.startswith("experiments.")
+                }
+        graph[path.stem] = found - {path.stem}
+
+    def reaches(start, target, seen):
+        return any(
+            module == target or (module not in seen and reaches(module, target, seen | {module}))
+            for module in graph.get(start, ())
+        )
+
+    assert graph["run"] and graph["cli"]  # the walk found the runner's imports
+    assert [module for module in graph if reaches(module, module, {module})] == []
+
+
 def test_the_tests_mirror_the_code():
     """Every test lives in the folder of what it tests: library/, runner/ or drivers/."""
     tests = sorted((REPO_ROOT / "tests").rglob("test_*.py"))

@@ -13,7 +13,7 @@ from experiments.runfiles import write_results
 from msr.stats import compare_paired
 
 
-def _results(folder, seeds, accuracy, config=None):
+def _results(folder, seeds, accuracy, config=None, proposed="msr"):
     """A few-shot results.json: ``accuracy(method, seed)`` gives each job's 600 episodes."""
     runs = []
     for seed in seeds:
@@ -34,7 +34,7 @@ def _results(folder, seeds, accuracy, config=None):
     write_results(
         folder / "results.json",
         {"seeds": list(seeds), "preset": "cpu-long", "config": config or {"steps": 12000},
-         "runs": runs, "aggregate": aggregate},
+         "runs": runs, "aggregate": aggregate, "proposed": proposed},
     )  # fmt: skip
     return runs
 
@@ -98,6 +98,14 @@ def test_an_unknown_method_is_refused_naming_what_ran(tmp_path, capsys):
         report.main([str(tmp_path / "a"), "--against", "anil"])
     lines = report.main([str(tmp_path / "a"), "--against", "maml"])
     assert not any("protonet" in line for line in lines if line.startswith("| msr vs"))
+
+
+def test_a_folder_that_names_no_proposed_method_needs_method(tmp_path):
+    _results(tmp_path / "old", [0, 1], _episodes, proposed=None)  # as runs before it recorded it
+    with pytest.raises(report.RunError, match=r"no one proposed method .* pass --method"):
+        report.main([str(tmp_path / "old")])
+    lines = report.main([str(tmp_path / "old"), "--method", "protonet"])
+    assert any(line.startswith("| protonet vs maml |") for line in lines)
 
 
 def test_integer_curves_get_integer_ticks_and_a_long_title_wraps():
