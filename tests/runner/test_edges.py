@@ -1,11 +1,10 @@
-"""The edges of a run and of the library's inputs: links and other people's files in --out,
-crafted model files, mis-scaled or non-finite data, a run resumed on other data, and the
+"""The edges of a run and of the library's inputs (the edges of --out itself:
+test_output_folder.py): crafted model files, mis-scaled or non-finite data, a run resumed on other data, and the
 failures that end a run with one line (a diverged loss, a lost worker or rank)."""
 
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -22,115 +21,13 @@ from run_records import children, driver_status, error_lines
 
 import msr
 from experiments import synthetic
-from experiments.control import RunError
 from experiments.presets import SYNTHETIC
-from experiments.rundir import claim_output
 from msr import MAML, ModelFileError, MSRLinear, NonFiniteLossError, ProtoNet, TaskBatch
 from msr._files import with_checksum
 from msr.data import ImageClasses, load_omniglot
 from msr.data.images import read_image
 
 SYNTHETIC_TINY = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1"]
-
-
-def _claim(out, resume=False, overwrite=False, recorded=()):
-    with claim_output(out, resume, overwrite, lambda: recorded):
-        pass
-
-
-# --- links and foreign files in --out ----------------------------------------------------------
-def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
-    precious = tmp_path / "precious.txt"
-    precious.write_text("mine\n")
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".lock").symlink_to(precious)
-    with pytest.raises(RunError, match="is a symbolic link"):
-        _claim(out)
-    assert precious.read_text() == "mine\n" and (out / ".lock").is_symlink()
-
-
-def test_a_dangling_lock_link_ends_the_start_within_seconds(tmp_path):
-    """It spun at full CPU for over 600 s (O_EXCL saw the link, the plain open found nothing)."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".lock").symlink_to(tmp_path / "nowhere")
-    claim = "import sys; from pathlib import Path; from experiments.rundir import claim_output\n"
-    claim += "with claim_output(Path(sys.argv[1]), False, False): pass"
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", claim, str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert time.monotonic() - started < 30
-    assert done.returncode != 0 and "is a symbolic link" in done.stderr
-    assert not (tmp_path / "nowhere").exists()
-
-
-@pytest.mark.parametrize("name", ["metrics.jsonl", "results.json", "model_x_s0.pt"])
-def test_a_link_where_a_run_writes_is_refused(tmp_path, name):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / name).symlink_to(tmp_path / "outside")  # dangling: a write would create it
-    with pytest.raises(RunError, match=f"{name} is a symbolic link"):
-        _claim(out, resume=True, recorded=[name])
-    assert not (tmp_path / "outside").exists()
-
-
-def test_a_link_inside_the_tensorboard_tree_is_refused(tmp_path):
-    out = tmp_path / "run"
-    (out / "tensorboard" / "job").mkdir(parents=True)
-    (out / "tensorboard" / "job" / "events").symlink_to(tmp_path / "outside")
-    with pytest.raises(RunError, match="events is a symbolic link"):
-        _claim(out, resume=True, recorded=["tensorboard"])
-
-
-def test_overwrite_removes_only_what_the_run_recorded(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 0
-    recorded = json.loads((out / "results.json").read_text())["outputs"]
-    assert {"results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt"} <= set(recorded)
-    assert "tensorboard" not in recorded  # not asked for
-    mine = [out / "model_mine.pt", out / "tensorboard" / "my_events"]
-    mine[1].parent.mkdir()
-    for path in mine:
-        path.write_text("mine")
-    capsys.readouterr()
-    again = [*SYNTHETIC_TINY, "--out", str(out), "--overwrite"]
-    assert driver_status(synthetic.main, "synthetic", again) == 2
-    assert "model_mine.pt, tensorboard, which its run did not record" in capsys.readouterr().err
-    assert all(path.read_text() == "mine" for path in mine)  # nothing was removed
-    assert (out / "model_MSR-FC_k1_s0.pt").exists()
-    for path in mine:
-        path.unlink()
-    mine[1].parent.rmdir()
-    assert driver_status(synthetic.main, "synthetic", again) == 0
-    assert sorted(json.loads((out / "results.json").read_text())["outputs"]) == sorted(recorded)
-
-
-def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".results.json.k3j2_x.tmp").write_text("half a file")
-    (out / ".notes.tmp").write_text("yours")
-    _claim(out)
-    assert os.listdir(out) == [".notes.tmp"]
-
-
-def test_a_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-
-    def fsync(descriptor):
-        synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
-        real(descriptor)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    msr.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "model.pt")
-    assert synced == [False, True]  # the file, then its folder
 
 
 # --- crafted model files ----------------------------------------------------------------------

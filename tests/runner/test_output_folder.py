@@ -1,0 +1,227 @@
+"""An --out is held by exactly one run and holds only its own files: a live holder refuses the
+others, whatever number start at once; a lock whose run ended (killed, or on a full disk before
+it could name itself) is taken over with a note and never wedges the directory; a run follows
+no link inside --out, removes only what it recorded, and clears the temporaries of a killed
+write."""
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from run_records import driver_status
+
+import msr
+from experiments import synthetic
+from experiments.control import RunError
+from experiments.rundir import LOCK_NAME, claim_output
+
+SYNTHETIC_TINY = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1"]
+
+# Claims --out at a given moment, holds it a while, and says whether it won.
+CLAIM = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from experiments.control import RunError
+    from experiments.rundir import claim_output
+    out, start, hold = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        with claim_output(out, resume=False, overwrite=False):
+            print("won", flush=True)
+            time.sleep(hold)
+    except RunError as error:
+        print("refused:", error, flush=True)
+    """
+)
+
+
+def _claimers(out, count, start, hold):
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM, str(out), str(start), str(hold)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+
+
+def _ended_pid():
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def test_of_many_simultaneous_starts_on_a_stale_lock_exactly_one_wins(tmp_path):
+    """Before flock: two starts that both found a stale lock both took it, 7 times in 100.
+    8 rounds in 8 folders, side by side: in each, 6 processes start at the same moment."""
+    rounds = []
+    for round_ in range(8):
+        out = tmp_path / f"run{round_}"
+        out.mkdir()
+        (out / LOCK_NAME).write_text(f"{_ended_pid()} {os.uname().nodename}\n")
+        rounds.append(out)
+    start = time.time() + 3.0  # every process started and waiting by then
+    claimers = [_claimers(out, 6, start, hold=1.0) for out in rounds]
+    for out, processes in zip(rounds, claimers, strict=True):
+        outputs = [process.communicate(timeout=60) for process in processes]
+        said = [stdout.strip() for stdout, _ in outputs]
+        assert sum(line == "won" for line in said) == 1, (said, [err for _, err in outputs])
+        refused = [line for line in said if line != "won"]
+        assert all(line.startswith("refused:") and "is in use by" in line for line in refused)
+        assert not (out / LOCK_NAME).exists()  # the winner removed it at its end
+
+
+def test_a_live_lock_refuses_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    (holder,) = _claimers(out, 1, time.time(), hold=30.0)
+    assert holder.stdout.readline().strip() == "won"
+    busy = pytest.raises(RunError, match=rf"is in use by process {holder.pid} on ")
+    with busy, claim_output(out, resume=False, overwrite=False):
+        pass
+    holder.kill()  # SIGKILL: no clean-up, the lock file stays
+    holder.wait()
+    assert (out / LOCK_NAME).read_text().startswith(f"{holder.pid} on ")
+    with claim_output(out, resume=False, overwrite=False):
+        assert (out / LOCK_NAME).read_text().startswith(f"{os.getpid()} on ")
+    assert f"taking over the stale lock {out / LOCK_NAME} of process {holder.pid}" in (
+        capsys.readouterr().err
+    )
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\x00\xfe", b"   \n"])
+def test_an_empty_or_unreadable_lock_is_taken_over_with_a_note(tmp_path, capsys, content):
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    with claim_output(tmp_path, resume=False, overwrite=False):
+        pass
+    assert "empty or unreadable: its run ended before it could name itself" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_full_disk_at_start_is_one_error_and_leaves_no_lock(tmp_path, monkeypatch, capsys):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", disk_full)
+        full = pytest.raises(RunError, match=r"cannot write the lock file .*: the disk is full")
+        with full, claim_output(tmp_path, resume=False, overwrite=False):
+            pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_bytes(b"")  # as a crash mid-write would leave it
+    with claim_output(tmp_path, resume=False, overwrite=False):  # not wedged
+        pass
+    assert "taking over the lock" in capsys.readouterr().err
+
+
+def _claim(out, resume=False, overwrite=False, recorded=()):
+    with claim_output(out, resume, overwrite, lambda: recorded):
+        pass
+
+
+# --- links and foreign files in --out ----------------------------------------------------------
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(precious)
+    with pytest.raises(RunError, match="is a symbolic link"):
+        _claim(out)
+    assert precious.read_text() == "mine\n" and (out / ".lock").is_symlink()
+
+
+def test_a_dangling_lock_link_ends_the_start_within_seconds(tmp_path):
+    """It spun at full CPU for over 600 s (O_EXCL saw the link, the plain open found nothing)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(tmp_path / "nowhere")
+    claim = "import sys; from pathlib import Path; from experiments.rundir import claim_output\n"
+    claim += "with claim_output(Path(sys.argv[1]), False, False): pass"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", claim, str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 30
+    assert done.returncode != 0 and "is a symbolic link" in done.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "results.json", "model_x_s0.pt"])
+def test_a_link_where_a_run_writes_is_refused(tmp_path, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to(tmp_path / "outside")  # dangling: a write would create it
+    with pytest.raises(RunError, match=f"{name} is a symbolic link"):
+        _claim(out, resume=True, recorded=[name])
+    assert not (tmp_path / "outside").exists()
+
+
+def test_a_link_inside_the_tensorboard_tree_is_refused(tmp_path):
+    out = tmp_path / "run"
+    (out / "tensorboard" / "job").mkdir(parents=True)
+    (out / "tensorboard" / "job" / "events").symlink_to(tmp_path / "outside")
+    with pytest.raises(RunError, match="events is a symbolic link"):
+        _claim(out, resume=True, recorded=["tensorboard"])
+
+
+def test_overwrite_removes_only_what_the_run_recorded(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 0
+    recorded = json.loads((out / "results.json").read_text())["outputs"]
+    assert {"results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt"} <= set(recorded)
+    assert "tensorboard" not in recorded  # not asked for
+    mine = [out / "model_mine.pt", out / "tensorboard" / "my_events"]
+    mine[1].parent.mkdir()
+    for path in mine:
+        path.write_text("mine")
+    capsys.readouterr()
+    again = [*SYNTHETIC_TINY, "--out", str(out), "--overwrite"]
+    assert driver_status(synthetic.main, "synthetic", again) == 2
+    assert "model_mine.pt, tensorboard, which its run did not record" in capsys.readouterr().err
+    assert all(path.read_text() == "mine" for path in mine)  # nothing was removed
+    assert (out / "model_MSR-FC_k1_s0.pt").exists()
+    for path in mine:
+        path.unlink()
+    mine[1].parent.rmdir()
+    assert driver_status(synthetic.main, "synthetic", again) == 0
+    assert sorted(json.loads((out / "results.json").read_text())["outputs"]) == sorted(recorded)
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".results.json.k3j2_x.tmp").write_text("half a file")
+    (out / ".notes.tmp").write_text("yours")
+    _claim(out)
+    assert os.listdir(out) == [".notes.tmp"]
+
+
+def test_a_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(descriptor):
+        synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    msr.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "model.pt")
+    assert synced == [False, True]  # the file, then its folder
