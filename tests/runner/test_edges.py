@@ -1,6 +1,7 @@
 """The edges of a run and of the library's inputs (the edges of --out itself:
-test_output_folder.py): crafted model files, mis-scaled or non-finite data, a run resumed on other data, and the
-failures that end a run with one line (a diverged loss, a lost worker or rank)."""
+test_output_folder.py): crafted model files, mis-scaled or non-finite data, a run resumed on
+other data, and the failures that end a run with one line (a diverged loss, a lost worker or
+rank)."""
 
 import json
 import os
