@@ -36,10 +36,21 @@ class WriteFailedError(RunFailedError):
     """An output file could not be written; the previous version is intact."""
 
 
-def write_failed(path: Path, error: OSError) -> WriteFailedError:
-    """The one-line account of a failed atomic write of ``path``."""
-    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-    return WriteFailedError(f"could not write {path}: {write_error_reason(error)}; {kept}")
+@contextmanager
+def reported_write(path: Path) -> Iterator[None]:
+    """Inside, a failed atomic write of ``path`` (an ``OSError``, e.g. a full disk) becomes a
+    ``WriteFailedError``: one line, saying that the previous file is intact."""
+    try:
+        yield
+    except OSError as error:
+        kept = (
+            f"the previous {path.name} is intact"
+            if path.exists()
+            else f"no {path.name} was written"
+        )
+        raise WriteFailedError(
+            f"could not write {path}: {write_error_reason(error)}; {kept}"
+        ) from error
 
 
 def write_error_reason(error: OSError) -> str:

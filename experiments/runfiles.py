@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 import msr
-from experiments.control import RunError, WriteFailedError, write_error_reason, write_failed
+from experiments.control import RunError, WriteFailedError, reported_write, write_error_reason
 from experiments.rundir import REPO_ROOT, run_outputs
 from msr import viz
 from msr._files import ChecksumError, with_checksum, without_checksum, write_atomically
@@ -65,10 +65,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     umask like any other output. If the write fails (e.g. the disk is full) the previous
     ``path`` stays as it was and ``WriteFailedError`` says so."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with reported_write(path):
         write_atomically(path, write)
-    except OSError as error:
-        raise write_failed(path, error) from error
 
 
 JOB_FIELDS = ("driver", "seed", "tags", "preset", "config", "step", "elapsed_s", "unvalidated")
@@ -80,10 +78,8 @@ def save_checkpoint(
     """A job's model file, its checkpoint while it trains: ``msr.save`` of the learner with the
     job and its progress (``JOB_FIELDS``) as ``metadata`` and the optimizer's ``state``; a
     failed write is a ``WriteFailedError`` (the previous file intact)."""
-    try:
+    with reported_write(path):
         msr.save(learner, path, metadata, state=state)
-    except OSError as error:
-        raise write_failed(path, error) from error
 
 
 def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -124,10 +120,8 @@ def differences(theirs: Any, ours: Any, prefix: str = "") -> dict[str, tuple[Any
 def save_figure(figure: Figure, path: Path) -> Path:
     """``msr.viz.save`` (atomic); a failed write is a ``WriteFailedError``: one line, and the
     previous file intact."""
-    try:
+    with reported_write(path):
         return viz.save(figure, path)
-    except OSError as error:
-        raise write_failed(path, error) from error
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
