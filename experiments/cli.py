@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
-import functools
 import math
 import os
 import shutil
@@ -29,9 +28,9 @@ import torch.distributed as dist
 
 from experiments import report
 from experiments.control import RunError
-from experiments.run import Experiment, run_jobs, write_results_file
+from experiments.run import Experiment, run_jobs
 from experiments.rundir import claim_output, run_outputs
-from experiments.runfiles import recorded_outputs
+from experiments.runfiles import write_results
 from msr.devices import DEVICE_HELP, resolve_device, reuse_freed_memory
 from msr.distributed import rank_and_world_size
 
@@ -300,16 +299,18 @@ def _alive(pid: int) -> bool:
 
 def share_run_files(out: Path) -> None:
     """Under torchrun with ``--resume``: rank 0 sends the files of its run in ``out``
-    (``rundir.run_outputs``: results.json, metrics.jsonl, the model files, figures) to every
+    (``rundir.run_outputs``: results.json and the job folders; not tensorboard/) to every
     other rank, which writes them into its own ``out`` (its private folder). Every rank must
     call it, rank 0 holding ``out``'s lock."""
     files: list[dict[str, bytes] | None] = [None]
     if dist.get_rank() == 0:
-        paths = [out / name for name in run_outputs(out)]
-        files = [{p.name: p.read_bytes() for p in paths if p.is_file()}]
+        paths = [out / name for name in run_outputs(out) if name != "tensorboard"]
+        paths += [path for folder in paths if folder.is_dir() for path in folder.iterdir()]
+        files = [{str(p.relative_to(out)): p.read_bytes() for p in paths if p.is_file()}]
     dist.broadcast_object_list(files, src=0)
     if dist.get_rank():
         for name, contents in files[0].items():  # type: ignore[union-attr]
+            (out / name).parent.mkdir(exist_ok=True)
             (out / name).write_bytes(contents)
 
 
@@ -319,13 +320,12 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
     reuse_freed_memory()
     data = experiment.check(args, cfg, device)  # before --out is touched: nothing is lost
     rank, world_size = rank_and_world_size()
-    recorded = functools.partial(recorded_outputs, args.out, legacy_ok=args.resume)
-    with claim_output(args.out, args.resume, args.overwrite, recorded):  # rank > 0: private
+    with claim_output(args.out, args.resume, args.overwrite):  # rank > 0: its private folder
         if world_size > 1 and args.resume:
             share_run_files(args.out)
         results = run_jobs(experiment, args, cfg, device, data)
-        lines = experiment.report(results, args)
-        write_results_file(args.out, results)
+        lines = experiment.report(results, args)  # may add summary fields
+        write_results(args.out / "results.json", results)
     if rank:
         return results  # rank 0 reports
     devices = ", ".join(sorted({run["device"] for run in results["runs"]}))
@@ -333,7 +333,7 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
         f"\nMeta-test {experiment.metric.label} ± 95% CI over {cfg.test_tasks} held-out tasks "
         f"(preset {args.preset}, seed{'s' if len(args.seeds) > 1 else ''} "
         f"{', '.join(map(str, args.seeds))}, {cfg.steps} outer steps on {devices}, "
-        f"wall {results['wall_s']:.0f} s):\n"
+        f"training {results['wall_s']:.0f} s summed over jobs):\n"
     )
     if len(args.seeds) > 1:
         print(report.seed_table(results["aggregate"], experiment.metric))
@@ -341,5 +341,5 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> dict[str,
             pooled = report.pool_runs([(str(args.out), results)], experiment.metric)
             print("\n".join(report.comparison_lines(pooled, experiment.proposed, args.methods)))
     print("\n".join(lines))
-    print(f"\nWrote {args.out}/results.json, metrics.jsonl and the model files")
+    print(f"\nWrote {args.out}/results.json and a folder per job (model, metrics, result, figure)")
     return results

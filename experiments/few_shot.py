@@ -252,7 +252,7 @@ class FewShot(Experiment):
     default_preset = "cpu"
     metric = ACCURACY
     proposed = "msr"
-    figure_prefix = "symmetry"
+    figure = "symmetry.png"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="the data set")
@@ -434,11 +434,25 @@ class FewShot(Experiment):
             stream_device=device,
         )
 
+    def _validation_curves(
+        self, out: Path, runs: list[dict[str, Any]]
+    ) -> dict[str, dict[float, float]]:
+        """{job label: {step: validation accuracy (%)}} from the jobs' metrics.jsonl (which
+        hold fractions)."""
+        return {
+            _label(run): {
+                record["step"]: 100 * record["val_accuracy"]
+                for record in read_records(out / self.job_name(run) / "metrics.jsonl")
+                if "val_accuracy" in record
+            }
+            for run in runs
+        }
+
     def report(self, results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         """The accuracy table, the validation accuracy at each test-time step count (and its
         figure, curve_inner_steps.png); the validation accuracy during training of every job
-        (metrics.jsonl) is drawn in curve_validation.png."""
-        training = _validation_curves(args.out / "metrics.jsonl")
+        (its metrics.jsonl) is drawn in curve_validation.png."""
+        training = self._validation_curves(args.out, results["runs"])
         if training:
             figure = plot_curves(
                 training,
@@ -500,18 +514,6 @@ class FewShot(Experiment):
         )
         save_figure(figure, args.out / "curve_inner_steps.png")
         return lines
-
-
-def _validation_curves(metrics: Path) -> dict[str, dict[float, float]]:
-    """{job label: {step: validation accuracy (%)}} from a run's metrics.jsonl (none if
-    absent; the log holds fractions)."""
-    curves: dict[str, dict[float, float]] = {}
-    if metrics.exists():
-        for record in read_records(metrics):
-            if "val_accuracy" in record:
-                accuracy = 100 * record["val_accuracy"]
-                curves.setdefault(_label(record), {})[record["step"]] = accuracy
-    return curves
 
 
 def _label(run: dict[str, Any]) -> str:

@@ -13,10 +13,10 @@ filters copied exactly at each quarter turn / flip). Each method is one ``MSRCon
 Two protocols, side by side: ``paper`` starts every learned inner lr at 0.1 (the paper's);
 ``swept`` (formerly ``level``) starts each method's at the value a small sweep picks (short runs
 from each candidate, scored on *training* tasks; the choice and every score go to results.json).
-Writes (through ``experiments.run``) DIR/metrics.jsonl, DIR/results.json, the model files and
-DIR/U_<method>_<group>_<protocol>_s<seed>.png (span(U)'s strongest directions as kernels, for
-every learned U), and prints Markdown tables beside the paper's and the authors'-code numbers,
-with symmetry scores of every learned U.
+Writes (through ``experiments.run``) DIR/results.json and a folder per job,
+DIR/<method>_<group>_<protocol>_s<seed>/ (model.pt, metrics.jsonl, result.json and, for every
+learned U, U.png: span(U)'s strongest directions as kernels), and prints Markdown tables
+beside the paper's and the authors'-code numbers, with symmetry scores of every learned U.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from experiments.run import (
     Plan,
     Tags,
     build_maml,
-    fit,
+    outer_optimizer,
+    training,
 )
 from msr import MSRConv2d, NonFiniteLossError, TaskBatch, viz
 from msr.distributed import sharded_evaluate
@@ -115,15 +116,11 @@ def sweep_inner_lr(
     scores: dict[str, float | None] = {}
     for lr in candidates:
         torch.manual_seed(seed)
-        plan, completed = build(lr), 0
-
-        def counted(steps: int) -> None:
-            nonlocal completed
-            completed += steps
-            advance(steps)
-
+        plan, completed, short = build(lr), 0, replace(cfg, steps=steps, inner_lr=lr)
         try:
-            fit(plan, replace(cfg, steps=steps, inner_lr=lr), seed, advance=counted)
+            for _ in training(plan, short, seed, outer_optimizer(plan.learner, short)):
+                completed += 1
+                advance(1)
             score = sharded_evaluate(plan.learner, scored)["loss"].mean().item()
         except NonFiniteLossError:  # in training, or in scoring
             score = math.nan

@@ -5,13 +5,15 @@ for, and for each job which data, which model and which metrics (a ``Plan``). Th
 the rest, the same way for every experiment (``experiments.cli.main`` calls it):
 
 - ``run_jobs``: one job per tag combination and seed, in this process or in ``--workers``
-  processes, under one progress bar; results.json after every job.
-- ``fit``: the meta-training of one job: the meta-batch of step ``s`` from a stream keyed by
-  (seed, s), ``outer_steps`` (the only place where outer steps happen), a probe logged every
-  ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps and at a stop.
-- One resume rule: ``--resume`` keeps the finished jobs in results.json and continues every
-  other job from its checkpoint, bit for bit; a run of another preset, seed, config or commit
-  is refused, naming the differing fields; ``--steps`` may grow (a finished job then trains on).
+  processes, under one progress bar; results.json, the summary, after every job.
+- ``run_job``: one job in its folder ``DIR/<job name>``: the meta-batch of step ``s`` from a
+  stream keyed by (seed, s), ``outer_steps`` (the only place where outer steps happen), a probe
+  logged every ``eval_every`` steps to its metrics.jsonl, its model.pt (the checkpoint) every
+  ``checkpoint_every`` steps and at a stop, its result.json last.
+- One resume rule: a job is done iff its result.json exists; ``--resume`` keeps those and
+  continues every other job from its model.pt, bit for bit. A job of another preset, seed,
+  config, data or commit is refused, naming the differing fields; ``--steps`` may grow (a
+  finished job then trains on). results.json is written from the jobs, never read back.
 """
 
 from __future__ import annotations
@@ -36,11 +38,9 @@ from tqdm.auto import tqdm
 from experiments import report
 from experiments.control import RunError, RunFailedError, Stopped, raise_if_stopped
 from experiments.presets import RunConfig
-from experiments.rundir import run_outputs
 from experiments.runfiles import (
     MetricsLog,
     differences,
-    keep_lines,
     provenance,
     read_checkpoint,
     read_results,
@@ -50,11 +50,7 @@ from experiments.runfiles import (
 )
 from msr import MAML, EpisodicLearner, SymmetryLayer, TaskBatch, partition_parameters
 from msr.devices import reuse_freed_memory
-from msr.distributed import (
-    average_gradients,
-    rank_and_world_size,
-    shard_tasks,
-)
+from msr.distributed import average_gradients, rank_and_world_size, shard_tasks
 from msr.episodic import NonFiniteLossError
 from msr.streams import keyed_generator
 
@@ -72,7 +68,7 @@ class Plan:
     meta_batch: Callable[[torch.Generator], TaskBatch]  # training tasks from a step's stream
     probe: Callable[[], dict[str, float]]  # scored and logged every ``eval_every`` steps
     result: Callable[[], dict[str, Any]]  # the job's results.json fields, after training
-    draw: Callable[[dict[str, Any]], Figure | None] | None = None  # its U_<job>.png
+    draw: Callable[[dict[str, Any]], Figure | None] | None = None  # its figure
     stream_device: torch.device | str = "cpu"  # where the steps' streams draw
 
 
@@ -85,7 +81,7 @@ class Experiment:
     default_preset = "quick"
     metric = report.MSE  # what its jobs are scored by
     proposed: str | None = None  # the method the others are compared with over seeds
-    figure_prefix = "U"  # a job's figure is <prefix>_<job name>.png
+    figure = "U.png"  # the name of a job's figure in its folder
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The experiment's own flags (which methods, which data)."""
@@ -108,12 +104,8 @@ class Experiment:
         raise NotImplementedError
 
     def job_name(self, tags: Tags) -> str:
-        """The job's part of its file names (model_<name>.pt, U_<name>.png)."""
+        """The name of the job's folder in the run directory."""
         return "_".join(str(v) for k, v in tags.items() if k != "seed") + f"_s{tags['seed']}"
-
-    def figure_path(self, out: Path, tags: Tags) -> Path:
-        """Where the job's figure goes in the run directory ``out``."""
-        return out / f"{self.figure_prefix}_{self.job_name(tags)}.png"
 
     def tune(
         self,
@@ -160,128 +152,104 @@ def run_jobs(
     device: torch.device,
     data: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run every job (its tags and each seed) under one progress bar, logging to
-    ``args.out/metrics.jsonl``; results.json is rewritten (atomically) after every job, so
-    finished jobs survive a crash. With ``--resume`` the finished jobs are kept and the others
-    continue from their checkpoints (``fit``); every job seeds itself, so the outcome equals an
-    uninterrupted run's. With ``args.workers`` > 1 the jobs run in that many processes (one
-    thread each), with the same results; their metrics lines interleave."""
+    """Run every job (its tags and each seed) under one progress bar, each in its folder
+    ``args.out/<job name>``; results.json, the summary of the finished jobs, is rewritten after
+    every job. With ``--resume`` a job whose result.json is there is kept (unless ``--steps``
+    grew: it trains on) and any other continues from its model file (``run_job``); every job
+    seeds itself, so the outcome equals an uninterrupted run's. With ``args.workers`` > 1 the
+    jobs run in that many processes (one thread each), with the same results."""
     jobs = [{**tags, "seed": seed} for seed in args.seeds for tags in experiment.jobs(args)]
-    keys = list(jobs[0])
-    metrics_path, results_path = args.out / "metrics.jsonl", args.out / "results.json"
-    results: dict[str, Any] = {
+    summary = {
         **provenance(args.seeds, args.preset),
         "config": asdict(cfg),
         "data": data,  # what experiment.check found
         "proposed": experiment.proposed,  # the method experiments.report compares by default
-        "runs": [],
-        "aggregate": [],
-        "wall_s": 0.0,
-        # the files this run writes, and only those, are what --overwrite removes
-        "outputs": sorted(
-            {"results.json", "metrics.jsonl", *(["tensorboard"] if args.tensorboard else [])}
-            | {_model_path(args.out, experiment, tags).name for tags in jobs}
-            | {experiment.figure_path(args.out, tags).name for tags in jobs}
-        ),
     }
+    identity = {
+        "driver": experiment.name,
+        "preset": args.preset,
+        "data_sha256": data and data["sha256"],  # the data it read (None: drawn from the seed)
+        **{k: summary[k] for k in ("torch_version", "git_sha")},
+    }
+    if args.resume and not (args.out / "results.json").exists():
+        raise RunError(f"--resume given but {args.out / 'results.json'} does not exist")
+    entries: dict[int, dict[str, Any]] = {}  # by the job's place in ``jobs``
+    for place, tags in enumerate(jobs):
+        folder = args.out / experiment.job_name(tags)
+        ours = {**identity, **_own(tags), "config": asdict(cfg)}
+        if args.resume and (found := _finished(folder, ours)):
+            entries[place] = found
 
-    def key(record: Mapping[str, Any]) -> tuple:
-        return tuple(record.get(k) for k in keys)
-
-    if args.resume:
-        results.update(_resumable(results_path, results, cfg))
-        finished = {key(run) for run in results["runs"]}
-        reached = {  # how far each unfinished job's checkpoint got
-            key(tags): read_checkpoint(path)["metadata"]["step"]
-            for tags in jobs
-            if key(tags) not in finished
-            and (path := _model_path(args.out, experiment, tags)).exists()
-        }
-        keep_lines(
-            metrics_path,
-            lambda record: (
-                key(record) in finished or record["step"] <= reached.get(key(record), -1)
-            ),
+    def record(place: int, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+        if entry is not None:
+            entries[place] = entry
+        runs = [entries[i] for i in sorted(entries)]
+        summary.update(
+            runs=runs,
+            aggregate=report.aggregate_seeds(runs, list(jobs[0]), experiment.metric.field),
+            wall_s=sum(run["wall_s"] for run in runs),  # the jobs' training, resumes included
         )
-    else:
-        metrics_path.unlink(missing_ok=True)
-    write_results_file(args.out, results)  # a stop from here on can --resume
-    order = {key(tags): i for i, tags in enumerate(jobs)}
-    prior_wall, start = results["wall_s"], time.perf_counter()
+        write_results(args.out / "results.json", summary)
+        return summary
 
-    def record(entry: dict[str, Any]) -> None:
-        results["runs"].append(entry)  # kept in job order
-        results["runs"].sort(key=lambda run: order.get(key(run), len(order)))
-        results["aggregate"] = report.aggregate_seeds(
-            results["runs"], keys, experiment.metric.field
-        )
-        results["wall_s"] = prior_wall + time.perf_counter() - start
-        write_results_file(args.out, results)
-
-    def steps_of(tags: Tags) -> int:
-        return cfg.steps + experiment.tuning_steps(tags, cfg)
-
-    todo = [tags for tags in jobs if key(tags) not in {key(run) for run in results["runs"]}]
-    board = args.out / "tensorboard" if args.tensorboard else None
+    record(-1)  # a stop from here on can --resume
+    todo = [place for place in range(len(jobs)) if place not in entries]
+    steps = [cfg.steps + experiment.tuning_steps(tags, cfg) for tags in jobs]
     with tqdm(
-        total=sum(map(steps_of, jobs)),
-        initial=sum(map(steps_of, jobs)) - sum(map(steps_of, todo)),
+        total=sum(steps),
+        initial=sum(steps) - sum(steps[i] for i in todo),
         desc=experiment.name,
         unit="step",
         disable=rank_and_world_size()[0] > 0,
     ) as bar:
-        run = functools.partial(run_job, experiment, cfg=cfg, args=args, device=device)
-        if args.workers > 1:
-            _run_in_processes(todo, run, args.workers, (metrics_path, board), record, bar, steps_of)
-        else:
-            with MetricsLog(metrics_path, board) as log:
-                for tags in todo:
-                    bar.set_postfix_str(" ".join(str(v) for v in tags.values()))
-                    record(run(tags, log=log, advance=bar.update))
-    return results
-
-
-def write_results_file(out: Path, results: dict[str, Any]) -> None:
-    """results.json, its ``outputs`` grown by the run files now in ``out`` (e.g. a report's
-    figures): what a run writes in ``out`` while it holds the lock is its own."""
-    results["outputs"] = sorted({*results["outputs"], *run_outputs(out)})
-    write_results(out / "results.json", results)
-
-
-def _resumable(path: Path, ours: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
-    """The runs and wall time to keep from ``path``, checked to be this run's (its provenance
-    and config; only ``steps`` may grow), a missing, corrupt or foreign file being a
-    ``RunError``. A job finished at fewer steps than ``cfg.steps`` is not kept: it trains on."""
-    if not path.exists():
-        raise RunError(f"--resume given but {path} does not exist")
-    previous = read_results(path)
-    if not isinstance(previous.get("runs"), list):
-        raise RunError(f"{path} is not a results file of these drivers (no list of runs)")
-    mutable = ("runs", "aggregate", "wall_s", "outputs", "data", "proposed")
-    theirs = {k: previous.get(k) for k in ours if k not in mutable}
-    if isinstance(theirs.get("config"), dict):
-        theirs["config"] = {**theirs["config"], "steps": cfg.steps}
-    if different := differences(theirs, {k: ours[k] for k in theirs}):
-        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
-    data, trained_on = ours["data"], previous.get("data")
-    if (data and data["sha256"]) != (trained_on and trained_on.get("sha256")):
-        where = trained_on.get("path") if isinstance(trained_on, dict) else "unrecorded data"
-        raise RunError(
-            f"{path} trained on other data ({where}) than this run reads "
-            f"({data['path'] if data else 'data drawn from the seed'}): resume with that data"
+        run = functools.partial(
+            run_job, experiment, cfg=cfg, args=args, device=device, identity=identity
         )
-    for run in previous["runs"]:
-        if run["steps"] > cfg.steps:
-            raise RunError(
-                f"{path}: a job has trained {run['steps']} steps, more than --steps {cfg.steps}: "
-                "resume with at least as many (or start a new run)"
-            )
-    runs = [run for run in previous["runs"] if run["steps"] == cfg.steps]
-    return {"runs": runs, "wall_s": previous["wall_s"]}
+        if args.workers > 1:
+            _run_in_processes([(i, jobs[i]) for i in todo], run, args.workers, record, bar, steps)
+        for place in todo if args.workers == 1 else ():
+            bar.set_postfix_str(" ".join(str(v) for v in jobs[place].values()))
+            record(place, run(jobs[place], advance=bar.update))
+    return summary
 
 
-def _model_path(out: Path, experiment: Experiment, tags: Tags) -> Path:
-    return out / f"model_{experiment.job_name(tags)}.pt"
+def _own(tags: Tags) -> dict[str, Any]:
+    return {"seed": tags["seed"], "tags": tags}
+
+
+def _finished(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of the job in ``folder`` if it finished at the steps of ``identity``'s
+    config; None if it did not finish, or finished at fewer steps (it trains on). A result of
+    another job, preset, config (but ``steps``), data or commit is a ``RunError``."""
+    path = folder / "result.json"
+    if not path.exists():
+        return None
+    saved = read_results(path)
+    steps = saved["result"]["steps"]
+    _check_identity(path, saved["identity"], identity, steps)
+    return saved["result"] if steps == identity["config"]["steps"] else None
+
+
+def _check_identity(path: Path, theirs: dict[str, Any], ours: dict[str, Any], steps: int) -> None:
+    """Refuse ``path`` unless it is this job's (``ours``: every field but ``config.steps``
+    agrees) and trained at most our steps (``steps`` it has trained)."""
+    limit = ours["config"]["steps"]
+    theirs = {k: theirs.get(k) for k in ours}
+    if isinstance(theirs["config"], dict):
+        theirs["config"] = {**theirs["config"], "steps": limit}
+    different = differences(theirs, ours)
+    if "data_sha256" in different:
+        raise RunError(
+            f"{path} trained on other data than this run reads (their fingerprints differ): "
+            "resume with that data (results.json names its path)"
+        )
+    if different:
+        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
+    if limit < steps:
+        raise RunError(
+            f"{path} has trained {steps} steps, more than --steps {limit}: resume with at "
+            "least as many (or start a new run)"
+        )
 
 
 def run_job(
@@ -291,124 +259,118 @@ def run_job(
     cfg: RunConfig,
     args: argparse.Namespace,
     device: torch.device,
-    log: MetricsLog,
-    advance: Callable[[int], None],
+    identity: dict[str, Any],
+    advance: Callable[[int], None] = lambda steps: None,
 ) -> dict[str, Any]:
-    """Tune, meta-train and score one job, and draw its figure; its results.json entry."""
-    seed = tags["seed"]
+    """Tune, meta-train and score one job in its folder; its result (results.json's entry).
+
+    The learner trains ``cfg.steps`` outer steps with Adam (and the preset's cosine schedule);
+    step ``s`` on ``plan.meta_batch`` of a stream keyed by (seed, ``s``). Every
+    ``cfg.eval_every`` steps and at the last, ``plan.probe()`` goes to the job's metrics.jsonl;
+    every ``cfg.checkpoint_every`` steps, at the last and at a stop, the learner, optimizer and
+    step go to its model.pt (``identity``: what rebuilds the model). If model.pt exists the job
+    continues from it, bit for bit (a stop during a probe leaves the step trained and its probe
+    owed; the resumed job probes it first). result.json is written last: the job is done iff
+    it exists."""
+    seed, folder = tags["seed"], args.out / experiment.job_name(tags)
+    if folder.is_symlink():
+        raise RunError(f"{folder} is a symbolic link: a run follows no link inside --out")
+    identity = {**identity, **_own(tags)}
+    (folder / "result.json").unlink(missing_ok=True)  # finished at fewer steps: it trains on
     tuned, notes = experiment.tune(tags, cfg, device, advance)
     torch.manual_seed(seed)
     plan = experiment.plan(tags, tuned, args, device)
-    wall = fit(
-        plan,
-        tuned,
-        seed,
-        tags=tags,
-        log=log,
-        checkpoint=_model_path(args.out, experiment, tags),
-        identity={
-            "driver": experiment.name,
-            "seed": seed,
-            "tags": tags,
-            "preset": args.preset,
-        },
-        advance=advance,
-    )
-    entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
-    entry["device"] = str(device)
-    model = _model_path(args.out, experiment, tags)  # as the job leaves the learner (e.g. the
-    saved = read_checkpoint(model)  # test-time inner steps its result chose: msr.load's default)
-    save_checkpoint(model, plan.learner, saved["metadata"], saved["state"])
-    metric = experiment.metric
-    final = entry[metric.field] * metric.board_scale
-    log.hparams(tags, asdict(tuned), {f"final/{metric.field}": final})
-    if plan.draw is not None and (figure := plan.draw(entry)) is not None:
-        save_figure(figure, experiment.figure_path(args.out, tags))
-    return entry
-
-
-def fit(
-    plan: Plan,
-    cfg: RunConfig,
-    seed: int,
-    *,
-    tags: Tags | None = None,
-    log: MetricsLog | None = None,
-    checkpoint: Path | None = None,
-    identity: dict[str, Any] | None = None,
-    advance: Callable[[int], None] = lambda steps: None,
-) -> float:
-    """Meta-train ``plan.learner`` for ``cfg.steps`` outer steps with Adam (and the preset's
-    cosine schedule); its training wall seconds.
-
-    Step ``s`` trains on ``plan.meta_batch`` of a stream keyed by (``seed``, ``s``). Every
-    ``cfg.eval_every`` steps and at the last, ``plan.probe()`` is logged with ``tags``; every
-    ``cfg.checkpoint_every`` steps, at the last and at a stop, the learner, optimizer and step
-    go to ``checkpoint`` (the job's model file, with ``identity``: what rebuilds the model).
-    If ``checkpoint`` exists the job continues from it, bit for bit (a stop during a probe
-    leaves the step trained and its probe owed; the resumed job probes it first); a file of
-    another job or config (``identity``, ``cfg`` but ``steps``) is refused.
-    """
-    learner, tags = plan.learner, tags or {}
-    optimizer = torch.optim.Adam(outer_groups(learner, cfg), lr=cfg.outer_lr)
-    state = _load_checkpoint(checkpoint, identity, cfg, learner, optimizer)
+    learner, checkpoint = plan.learner, folder / "model.pt"
+    optimizer = outer_optimizer(learner, tuned)
+    state = _load_checkpoint(checkpoint, {**identity, "config": asdict(tuned)}, learner, optimizer)
     first = 1 if state is None else state["step"] + 1
     start = time.perf_counter() - (0.0 if state is None else state["elapsed_s"])
 
-    def save(step: int, unvalidated: float | None = None) -> None:
-        if checkpoint is not None:
-            progress = {
-                "config": asdict(cfg),
-                "step": step,
-                "elapsed_s": time.perf_counter() - start,
-                "unvalidated": unvalidated,  # the train loss of a step whose probe was cut off
-            }
-            state = {"optimizer": optimizer.state_dict()}
-            save_checkpoint(checkpoint, learner, {**(identity or {}), **progress}, state)
+    def save(step: int, unvalidated: float | None = None, elapsed: float | None = None) -> None:
+        progress = {
+            "config": asdict(tuned),
+            "step": step,
+            "elapsed_s": time.perf_counter() - start if elapsed is None else elapsed,
+            "unvalidated": unvalidated,  # the train loss of a step whose probe was cut off
+        }
+        state = {"optimizer": optimizer.state_dict()}
+        save_checkpoint(checkpoint, learner, {**identity, **progress}, state)
 
-    def probe(step: int, train_loss: float) -> None:
-        try:
-            scores = plan.probe()
-        except Stopped:  # the step is trained: keep it, and owe its probe
-            save(step, unvalidated=train_loss)
-            raise
-        elapsed = time.perf_counter() - start
-        log.write(**tags, step=step, train_loss=train_loss, **scores, elapsed_s=elapsed)
-        if log.board:
-            log.figures(tags, step, sharing_figures(learner))
+    board = args.out / "tensorboard" / folder.name if args.tensorboard else None
+    with MetricsLog(folder / "metrics.jsonl", board) as log:
 
-    if state is None:
-        save(0)  # a job stopped before its first checkpoint resumes from here
-    elif log is not None:
-        owed = state["unvalidated"] is not None  # the step's probe was cut off: redo it
-        log.continue_from(tags, state["step"] + (not owed))
-        if owed:
-            probe(state["step"], state["unvalidated"])
-            save(state["step"])
-    advance(first - 1)
+        def probe(step: int, train_loss: float) -> None:
+            try:
+                scores = plan.probe()
+            except Stopped:  # the step is trained: keep it, and owe its probe
+                save(step, unvalidated=train_loss)
+                raise
+            elapsed = time.perf_counter() - start
+            log.write(**tags, step=step, train_loss=train_loss, **scores, elapsed_s=elapsed)
+            if log.board is not None:
+                log.figures(step, sharing_figures(learner))
+
+        if state is None:
+            save(0)  # a job stopped before its first checkpoint resumes from here
+        else:
+            owed = state["unvalidated"] is not None  # the step's probe was cut off: redo it
+            log.continue_from(state["step"] + (not owed))
+            if owed:
+                probe(state["step"], state["unvalidated"])
+                save(state["step"])
+        advance(first - 1)
+        kept = f"the last checkpoint ({checkpoint}) and the finished jobs are kept"
+        for step, train_loss in training(
+            plan, tuned, seed, optimizer, first, what=str(tags), kept=kept, on_stop=save
+        ):
+            advance(1)
+            if step % tuned.eval_every == 0 or step == tuned.steps:
+                probe(step, train_loss)
+            if step % tuned.checkpoint_every == 0 or step == tuned.steps:
+                save(step)
+        wall = time.perf_counter() - start
+        entry = {**tags, **notes, **plan.result(), "steps": cfg.steps, "wall_s": wall}
+        entry["device"] = str(device)
+        save(tuned.steps, elapsed=wall)  # as the job leaves the learner (e.g. its test-time steps)
+        metric = experiment.metric
+        final = entry[metric.field] * metric.board_scale
+        log.hparams({**asdict(tuned), **tags}, {f"final/{metric.field}": final})
+    if plan.draw is not None and (figure := plan.draw(entry)) is not None:
+        save_figure(figure, folder / experiment.figure)
+    job = {**identity, "config": asdict(cfg)}  # the run's config (``tune``'s choice: in entry)
+    write_results(folder / "result.json", {"identity": job, "result": entry})
+    return entry
+
+
+def training(
+    plan: Plan,
+    cfg: RunConfig,
+    seed: int,
+    optimizer: torch.optim.Optimizer,
+    first: int = 1,
+    **options: Any,
+) -> Iterator[tuple[int, float]]:
+    """``outer_steps`` of ``plan.learner`` from step ``first`` to ``cfg.steps``, step ``s`` on
+    ``plan.meta_batch`` of a stream keyed by (``seed``, ``s``), at the preset's cosine
+    schedule; ``options``: ``outer_steps``'s ``what``, ``kept`` and ``on_stop``."""
     floor = cfg.outer_lr * cfg.final_lr_fraction
-    for step, train_loss in outer_steps(
-        learner,
+
+    def learning_rate(step: int) -> float:
+        return floor + (cfg.outer_lr - floor) * (1 + math.cos(math.pi * (step - 1) / cfg.steps)) / 2
+
+    return outer_steps(
+        plan.learner,
         optimizer,
         lambda step: plan.meta_batch(keyed_generator(seed, step, plan.stream_device)),
         range(first, cfg.steps + 1),
-        what=str(tags),
-        kept=f"the last checkpoint ({checkpoint}) and the finished jobs are kept"
-        if checkpoint
-        else "nothing of it is kept",
-        learning_rate=None
-        if cfg.final_lr_fraction == 1
-        else lambda step: (
-            floor + (cfg.outer_lr - floor) * (1 + math.cos(math.pi * (step - 1) / cfg.steps)) / 2
-        ),
-        on_stop=save,
-    ):
-        advance(1)
-        if log is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            probe(step, train_loss)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save(step)
-    return time.perf_counter() - start
+        learning_rate=None if cfg.final_lr_fraction == 1 else learning_rate,
+        **{"what": "", "kept": "nothing of it is kept", **options},
+    )
+
+
+def outer_optimizer(learner: EpisodicLearner, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Adam over ``outer_groups``, at the outer lr."""
+    return torch.optim.Adam(outer_groups(learner, cfg), lr=cfg.outer_lr)
 
 
 def sharing_figures(learner: EpisodicLearner) -> dict[str, Figure]:
@@ -440,30 +402,18 @@ def outer_groups(learner: EpisodicLearner, cfg: RunConfig) -> list[dict[str, Any
 
 
 def _load_checkpoint(
-    path: Path | None,
-    identity: dict[str, Any] | None,
-    cfg: RunConfig,
+    path: Path,
+    identity: dict[str, Any],
     learner: EpisodicLearner,
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any] | None:
-    """The progress recorded in the checkpoint at ``path`` (None if there is none: step,
-    elapsed_s, unvalidated), checked to be this job's, loaded into ``learner`` and
-    ``optimizer``."""
-    if path is None or not path.exists():
+    """The progress in the model file at ``path`` (None if there is none: step, elapsed_s,
+    unvalidated), checked to be this job's, loaded into ``learner`` and ``optimizer``."""
+    if not path.exists():
         return None
     saved = read_checkpoint(path, map_location=next(learner.parameters()).device)
-    state, identity = saved["metadata"], identity or {}
-    theirs = {
-        **{k: state.get(k) for k in identity},
-        "config": {**state["config"], "steps": cfg.steps},
-    }
-    if different := differences(theirs, {**identity, "config": asdict(cfg)}):
-        raise RunError(f"{path} belongs to another run; differing (theirs, ours): {different}")
-    if cfg.steps < state["step"]:
-        raise RunError(
-            f"{path} has trained {state['step']} steps, more than --steps {cfg.steps}: resume "
-            "with at least as many (or start a new run)"
-        )
+    state = saved["metadata"]
+    _check_identity(path, state, identity, state["step"])
     learner.load_state_dict(saved["state_dict"])
     optimizer.load_state_dict(saved["state"]["optimizer"])
     return state
@@ -529,36 +479,35 @@ Job = Callable[..., dict[str, Any]]
 
 
 def _run_in_processes(
-    todo: Sequence[Tags],
+    todo: Sequence[tuple[int, Tags]],
     run: Job,
     workers: int,
-    logs: tuple[Path, Path | None],
-    record: Callable[[dict[str, Any]], None],
+    record: Callable[[int, dict[str, Any]], Any],
     bar: tqdm,
-    steps_of: Callable[[Tags], int],
+    steps: Sequence[int],
 ) -> None:
-    """Run jobs in a pool of ``workers`` processes; record each entry as it arrives. If a job
-    fails, the jobs not yet started are cancelled, the running ones still recorded, and the
-    first error raised. If the run is stopped (SIGINT, SIGTERM), the workers are ended at once
-    and their jobs left to ``--resume`` (from their checkpoints)."""
+    """Run jobs (their place and tags) in a pool of ``workers`` processes; record each entry as
+    it arrives. If a job fails, the jobs not yet started are cancelled, the running ones still
+    recorded, and the first error raised. If the run is stopped (SIGINT, SIGTERM), the workers
+    are ended at once and their jobs left to ``--resume`` (from their checkpoints)."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
     failure: BaseException | None = None
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
     try:
-        futures = {pool.submit(_run_logged, run, tags, *logs): tags for tags in todo}
+        futures = {pool.submit(run, tags): place for place, tags in todo}
         running = set(futures)
         while running:  # polled, so that a stop is seen while the workers run
             finished, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
             for future in finished:
                 try:
-                    record(future.result())
+                    record(futures[future], future.result())
                 except CancelledError:
                     continue
                 except Exception as error:  # re-raised below, once the running jobs are recorded
                     failure = failure or error
                     for pending in futures:
                         pending.cancel()
-                bar.update(steps_of(futures[future]))
+                bar.update(steps[futures[future]])
             raise_if_stopped()
     except BaseException:  # stopped: end the workers rather than wait for their jobs
         workers_alive = list(getattr(pool, "_processes", {}).values())  # no public handle
@@ -580,9 +529,3 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends us
     torch.set_num_threads(1)
     reuse_freed_memory()
-
-
-def _run_logged(run: Job, tags: Tags, metrics_path: Path, board: Path | None) -> dict[str, Any]:
-    """A job in a worker process: its own handle on the shared metrics log (line appends)."""
-    with MetricsLog(metrics_path, board) as log:
-        return run(tags, log=log, advance=lambda steps: None)

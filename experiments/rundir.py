@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,36 +27,26 @@ from experiments.control import RunError, write_error_reason
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# What a driver writes into its --out; --overwrite removes these (and nothing else).
-RUN_OUTPUTS = (
-    "results.json",
-    "metrics.jsonl",
-    "checkpoint*.pt",
-    "model_*.pt",
-    "U_*.png",
-    "curve_*.png",
-    "symmetry_*.png",
-    "tensorboard",
-)
+# A run's --out: results.json (the summary of its jobs, rewritten after each), one folder per
+# job (``JOB_FILES``: its model file, which is its checkpoint while it trains, its metrics log,
+# its result, written last, and its figure), tensorboard/ and a report's curve_*.png.
+# --overwrite removes these (and nothing else).
+RUN_OUTPUTS = ("results.json", "tensorboard", "curve_*.png")
+JOB_FILES = ("model.pt", "metrics.jsonl", "result.json", "*.png")
+OLD_LAYOUT = ("metrics.jsonl",)  # what every run folder of msr before the job folders holds
 LOCK_NAME = ".lock"
 LOCK_ATTEMPTS = 100  # a lock released between our open and flock is tried again, this often
 
 
 @contextmanager
-def claim_output(
-    out: Path,
-    resume: bool,
-    overwrite: bool,
-    recorded: Callable[[], Collection[str]] = lambda: (),
-) -> Iterator[Path]:
+def claim_output(out: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
     """Hold ``out`` for this run: create it, lock it, and refuse to replace an earlier run's
     outputs unless ``resume`` (the driver continues them) or ``overwrite`` (they are removed).
 
-    ``recorded()`` (called under the lock) names the files the earlier run recorded as its
-    own: ``--overwrite`` removes those and nothing else, and a file that looks like a run's
-    but is not among them (e.g. your own ``model_mine.pt``) is refused before anything is
-    removed. A run follows no link inside ``out``: a link where a run writes is refused. The
-    temporary files of a write that was killed midway are removed."""
+    A file in a job folder that no run writes (e.g. your own notes) is refused before anything
+    is removed, and so is a run folder of the layout before job folders. A run follows no link
+    inside ``out``: a link where a run writes is refused. The temporary files of a write that
+    was killed midway are removed."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory")
     if resume and overwrite:
@@ -76,14 +66,19 @@ def claim_output(
                 f"{out} already holds a run ({shown}): pass --resume to continue it, choose "
                 "another --out, or pass --overwrite to replace it"
             )
-        if earlier:
-            ours = set(recorded())
-            if foreign := [name for name in earlier if name not in ours]:
-                raise RunError(
-                    f"{out} holds {', '.join(foreign[:4])}, which its run did not record as its "
-                    f"own; --{'overwrite' if overwrite else 'resume'} touches only a run's "
-                    "recorded files: move these away, or choose another --out"
-                )
+        if earlier and (old := _matching(out, OLD_LAYOUT)):
+            raise RunError(
+                f"{out} holds {old[0]}: a run folder of msr before runs wrote one folder per "
+                "job, which --resume and --overwrite do not read; finish it with the commit that "
+                "wrote it (its results.json names it), or choose another --out"
+            )
+        foreign = [f"{job}/{name}" for job in job_folders(out) for name in _foreign(out / job)]
+        if earlier and foreign:
+            raise RunError(
+                f"{out} holds {', '.join(foreign[:4])}, which no run writes; "
+                f"--{'overwrite' if overwrite else 'resume'} touches only a run's files: move "
+                "these away, or choose another --out"
+            )
         if overwrite:
             for name in earlier:
                 path = out / name
@@ -97,12 +92,33 @@ def claim_output(
 
 
 def run_outputs(out: Path) -> list[str]:
-    """The names in ``out`` that a run writes (``RUN_OUTPUTS``), links to nowhere included."""
+    """The names in ``out`` that a run writes (``RUN_OUTPUTS`` and the job folders), links to
+    nowhere included."""
+    return sorted({*_matching(out, RUN_OUTPUTS), *job_folders(out)})
+
+
+def job_folders(out: Path) -> list[str]:
+    """The folders in ``out`` that hold a job's files (its model, metrics or result)."""
+    folders = [out / n for n in _names(out) if (out / n).is_dir() and not (out / n).is_symlink()]
+    return sorted(folder.name for folder in folders if _matching(folder, JOB_FILES[:3]))
+
+
+def _foreign(folder: Path) -> list[str]:
+    """The names in a job folder that no job writes."""
+    ours = _matching(folder, JOB_FILES)
+    return [name for name in _names(folder) if name not in ours]
+
+
+def _matching(folder: Path, patterns: Collection[str]) -> list[str]:
+    names = _names(folder)
+    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def _names(folder: Path) -> list[str]:
     try:
-        names = os.listdir(out)
+        return os.listdir(folder)
     except OSError as error:
-        raise RunError(f"cannot read --out {out}: {error.strerror}") from None
-    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in RUN_OUTPUTS))
+        raise RunError(f"cannot read {folder}: {error.strerror}") from None
 
 
 def _refuse_links(out: Path) -> None:
@@ -123,15 +139,16 @@ def _refuse_links(out: Path) -> None:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporary files (``.<run output>.<random>.tmp``, see
-    ``msr._files.write_atomically``) that a write killed midway left in ``out``: the lock is
-    ours, so no write is under way."""
-    for name in os.listdir(out):
-        if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
-            continue
-        written = name[1:].rsplit(".", 2)[0]  # the file the write was replacing
-        if any(fnmatch.fnmatchcase(written, p) for p in RUN_OUTPUTS) and (out / name).is_file():
-            (out / name).unlink()
+    """Remove the temporary files (``.<run file>.<random>.tmp``, see
+    ``msr._files.write_atomically``) that a write killed midway left in ``out`` or a job
+    folder: the lock is ours, so no write is under way."""
+    for folder, patterns in [(out, RUN_OUTPUTS), *((out / j, JOB_FILES) for j in job_folders(out))]:
+        for name in _names(folder):
+            if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+                continue
+            written = name[1:].rsplit(".", 2)[0]  # the file the write was replacing
+            if any(fnmatch.fnmatchcase(written, p) for p in patterns) and (folder / name).is_file():
+                (folder / name).unlink()
 
 
 def _take_lock(path: Path) -> Path:

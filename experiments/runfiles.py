@@ -22,7 +22,7 @@ import torch
 
 import msr
 from experiments.control import RunError, WriteFailedError, reported_write, write_error_reason
-from experiments.rundir import REPO_ROOT, run_outputs
+from experiments.rundir import REPO_ROOT
 from msr import viz
 from msr._files import ChecksumError, with_checksum, without_checksum, write_atomically
 from msr.saving import ModelFileError
@@ -54,7 +54,7 @@ def provenance(seed: int | list[int], preset: str) -> dict[str, Any]:
     return {
         "seeds" if isinstance(seed, list) else "seed": seed,
         "preset": preset,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a str subclass, which msr.save refuses
         "git_sha": git_sha(),
     }
 
@@ -69,7 +69,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         write_atomically(path, write)
 
 
-JOB_FIELDS = ("driver", "seed", "tags", "preset", "config", "step", "elapsed_s", "unvalidated")
+# A job's identity (what it runs: a resume must run the same) and its progress.
+JOB_FIELDS = (
+    *("driver", "seed", "tags", "preset", "config", "data_sha256", "torch_version", "git_sha"),
+    *("step", "elapsed_s", "unvalidated"),
+)
 
 
 def save_checkpoint(
@@ -130,15 +134,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """A results.json (atomically), with the ``content_digest`` of its fields, as stored, under
-    ``CHECKSUM_KEY``: a resumed run builds on the runs in it, so ``read_results`` refuses a file
-    that was edited or damaged since."""
+    """A results file (a job's result.json, a run's results.json), atomically, with the
+    SHA-256 of its fields, as stored: a resumed run keeps the jobs whose result it finds, and
+    the report reads the summary, so ``read_results`` refuses a file edited or damaged since."""
     stored = json.loads(json.dumps(results))  # as JSON gives it back: tuples are lists
     write_json_atomic(path, with_checksum(stored))
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A results.json written by ``write_results``, its checksum verified (without it); a
+    """A results file written by ``write_results``, its checksum verified (without it); a
     missing, unreadable, foreign or changed file is a ``RunError`` naming it."""
     try:
         return without_checksum(read_json(path))
@@ -151,33 +155,6 @@ def read_results(path: Path) -> dict[str, Any]:
             "checksum stored in it); it was not used"
         )
         raise RunError(f"{path} {why}") from None
-
-
-def recorded_outputs(out: Path, legacy_ok: bool) -> list[str]:
-    """The files of ``out`` that its run recorded as its own (results.json's ``outputs``); none
-    without a results.json. A results.json from before runs recorded their files gives every
-    run file present if ``legacy_ok`` (a resume), and is a ``RunError`` otherwise (an
-    overwrite would have to guess)."""
-    path = out / "results.json"
-    if not path.exists():
-        return []
-    results = read_results(path)
-    if isinstance(results.get("outputs"), list):
-        return results["outputs"]
-    if legacy_ok:
-        return run_outputs(out)
-    raise RunError(
-        f"{path} was written before runs recorded their files, so --overwrite cannot tell "
-        "them from yours: remove the run's files yourself, or choose another --out"
-    )
-
-
-def keep_lines(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
-    """Rewrite a JSON-lines file (atomically) with only the records ``keep`` accepts; used on
-    resume to forget what a killed run logged after its last saved state (it is redone)."""
-    if path.exists():
-        kept = [json.dumps(record) for record in read_records(path) if keep(record)]
-        atomic_write(path, lambda stream: stream.write("".join(f"{x}\n" for x in kept).encode()))
 
 
 def read_json(path: Path) -> Any:
@@ -221,19 +198,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log, flushed after every record so a killed run keeps its history;
-    the record of truth. With ``tensorboard`` (a folder), each job also gets a TensorBoard run
-    of its own, a folder named by the record's other fields (e.g. ``MSR-FC/k=1/seed=0``),
-    where every float field is a scalar at the record's ``step`` under a standard tag
-    (``board_tag``: ``train/loss``, ``val/accuracy``, ``test/mse``, ...); ``hparams`` and
-    ``figures`` add a job's hyper-parameters and images to its run."""
+    """A job's metrics.jsonl: append-only JSON lines, flushed after every record so a killed
+    run keeps its history; the record of truth. With ``board`` (a folder: the job's
+    TensorBoard run), every float field is also a scalar at the record's ``step`` under a
+    standard tag (``board_tag``: ``train/loss``, ``val/accuracy``, ``test/mse``, ...);
+    ``hparams`` and ``figures`` add the job's hyper-parameters and images."""
 
-    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
+    def __init__(self, path: Path, board: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._board: Path | None = None
-        self._writers: dict[str, Any] = {}  # run folder name -> its SummaryWriter
-        if tensorboard is not None:
+        self.path, self.board = path, board
+        self._writer: Any = None
+        if board is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError as error:
@@ -241,44 +216,35 @@ class MetricsLog:
                     "--tensorboard needs the tensorboard package: "
                     "pip install 'msr-symmetry[experiments]'"
                 ) from error
-            try:
-                tensorboard.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise RunError(f"--tensorboard: cannot write in {tensorboard}: {error}") from None
-            self._board = tensorboard
+        self._open()
+
+    def _open(self) -> None:
         try:  # appended unbuffered: nothing left in a buffer if a write fails; never via a link
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-            self._stream = os.fdopen(os.open(path, flags, 0o666), "ab", buffering=0)
+            self._stream = os.fdopen(os.open(self.path, flags, 0o666), "ab", buffering=0)
         except OSError as error:
-            raise RunError(f"cannot append to {path}: {write_error_reason(error)}") from None
+            raise RunError(f"cannot append to {self.path}: {write_error_reason(error)}") from None
 
-    @property
-    def board(self) -> bool:
-        """Whether this log also writes to TensorBoard."""
-        return self._board is not None
+    def continue_from(self, step: int) -> None:
+        """A resumed job logs again from ``step`` on: what a killed run logged there and later
+        (work redone from the last checkpoint) is dropped from metrics.jsonl (atomically) and
+        hidden in TensorBoard, so every step shows once."""
+        kept = "".join(f"{json.dumps(r)}\n" for r in read_records(self.path) if r["step"] < step)
+        self._stream.close()
+        atomic_write(self.path, lambda stream: stream.write(kept.encode()))
+        self._open()
+        if self.board is not None:
+            self._board_writer(purge_step=step)
 
-    def continue_from(self, tags: dict[str, Any], step: int) -> None:
-        """A resumed job logs again from ``step`` on: its TensorBoard run hides what a killed
-        run logged there and later (work redone from the last checkpoint), as metrics.jsonl
-        is trimmed to it."""
-        if self._board is not None:
-            self._writer(tags, purge_step=step)
+    def _board_writer(self, purge_step: int | None = None) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def _writer(self, fields: dict[str, Any], purge_step: int | None = None) -> Any:
-        """The SummaryWriter of the job that ``fields`` (a record's tags) name."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        run = "/".join(
-            str(v) if isinstance(v, str) else f"{k}={v}"
-            for k, v in fields.items()
-            if k != "step" and not isinstance(v, float)
-        )
-        if run not in self._writers:
             try:
-                self._writers[run] = SummaryWriter(str(self._board / run), purge_step=purge_step)
+                self._writer = SummaryWriter(str(self.board), purge_step=purge_step)
             except OSError as error:
-                raise RunError(f"--tensorboard: cannot write in {self._board}: {error}") from None
-        return self._writers[run]
+                raise RunError(f"--tensorboard: cannot write in {self.board}: {error}") from None
+        return self._writer
 
     def write(self, **record: Any) -> None:
         """Append ``record`` as one line; a failed write (e.g. a full disk) is a
@@ -292,37 +258,32 @@ class MetricsLog:
                 f"could not append to {self.path}: {write_error_reason(error)}; the records "
                 "before are intact"
             ) from error
-        if self._board is not None:
-            writer = self._writer(record)
+        if self.board is not None:
+            writer = self._board_writer()
             for key, value in record.items():
                 if isinstance(value, float):
                     writer.add_scalar(board_tag(key), value, record["step"])
             writer.flush()
 
-    def hparams(
-        self, tags: dict[str, Any], config: dict[str, Any], scores: dict[str, float]
-    ) -> None:
-        """A finished job's hyper-parameters (``config``'s scalar fields, and its tags) beside
-        its final ``scores`` (by TensorBoard tag), in its TensorBoard run (nothing without
-        ``tensorboard``)."""
-        if self._board is None:
-            return
-        values = {**config, **tags}
-        plain = {k: v for k, v in values.items() if isinstance(v, bool | int | float | str)}
-        self._writer(tags).add_hparams(plain, scores, run_name=".")  # into the job's own run
+    def hparams(self, values: dict[str, Any], scores: dict[str, float]) -> None:
+        """A finished job's hyper-parameters (the scalars of ``values``: its config and tags)
+        beside its final ``scores`` (by TensorBoard tag); nothing without ``board``."""
+        if self.board is not None:
+            plain = {k: v for k, v in values.items() if isinstance(v, bool | int | float | str)}
+            self._board_writer().add_hparams(plain, scores, run_name=".")  # into its own run
 
-    def figures(self, tags: dict[str, Any], step: int, figures: dict[str, Figure]) -> None:
-        """Images of a job at ``step`` (e.g. its learned U), by tag, in its TensorBoard run."""
-        if self._board is not None:
-            writer = self._writer(tags)
+    def figures(self, step: int, figures: dict[str, Figure]) -> None:
+        """Images of the job at ``step`` (e.g. its learned U), by tag; nothing without ``board``."""
+        if self.board is not None:
+            writer = self._board_writer()
             for tag, figure in figures.items():
                 writer.add_figure(tag, figure, step)  # closes the figure
             writer.flush()
 
     def close(self) -> None:
         self._stream.close()
-        for writer in self._writers.values():
-            writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def __enter__(self) -> MetricsLog:
         return self

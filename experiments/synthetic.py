@@ -4,8 +4,8 @@
         --out DIR
 
 Trains each (method, k) with second-order MAML on the same streamed tasks, evaluates on 300 fixed
-held-out tasks, and writes (through ``experiments.run``) DIR/metrics.jsonl, DIR/results.json,
-DIR/model_<method>_k<k>_s<seed>.pt and DIR/U_<method>_k<k>_s<seed>.png (the learned sharing
+held-out tasks, and writes (through ``experiments.run``) DIR/results.json and a folder per job,
+DIR/<method>_k<k>_s<seed>/ (model.pt, metrics.jsonl, result.json and U.png: the learned sharing
 pattern and the adapted weight of a test task), then prints a Markdown table beside the paper's
 numbers. Data, models and protocol: docs/results.md, Table 1.
 """

@@ -13,9 +13,26 @@ from experiments.control import run_cli
 
 
 def logged_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, without their wall times (which no two runs share)."""
-    lines = path.read_text().splitlines()
+    """The records of a metrics.jsonl, or of every job's in a run folder (in the order of their
+    names), without their wall times (which no two runs share)."""
+    files = sorted(path.glob("*/metrics.jsonl")) if path.is_dir() else [path]
+    lines = [line for file in files for line in file.read_text().splitlines()]
     return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+
+def job_records(out: Path) -> list[dict]:
+    """Every finished job's metrics records, in the job order of ``out``'s results.json."""
+    tags = {
+        f.parent: json.loads(f.read_text())["identity"]["tags"] for f in out.glob("*/result.json")
+    }
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    folders = [
+        next(f for f, job in tags.items() if all(run[k] == v for k, v in job.items()))
+        for run in runs
+    ]
+    return [
+        json.loads(line) for f in folders for line in (f / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def _state_and_parent(stat: Path) -> tuple[str, int] | None:

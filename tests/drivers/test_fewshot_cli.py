@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_NPZ, REPO_ROOT
-from run_records import assert_redraw_reproduces, driver_status
+from run_records import assert_redraw_reproduces, driver_status, job_records
 
 import msr
 from experiments import cli, few_shot
@@ -42,10 +42,11 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     refused = ["--method", "msr", "--preset", "tiny", "--out", str(parts)]
     assert driver_status(few_shot.main, "experiments.few_shot", refused) == 2
     assert "pass --resume" in capsys.readouterr().err
-    other = ["--method", "msr", "--preset", "tiny", "--resume", "--seed", "1", "--out", str(parts)]
+    other = ["--method", "msr", "--preset", "tiny", "--resume", "--out", str(parts)]
+    other += ["--set", "outer_lr=0.01"]
     assert driver_status(few_shot.main, "experiments.few_shot", other) == 2
     err = capsys.readouterr().err
-    assert "belongs to another run" in err and "'seeds': ([0], [1])" in err
+    assert "belongs to another run" in err and "'config.outer_lr': (0.001, 0.01)" in err
     _run("--method", "msr", "--preset", "tiny", "--resume", "--out", parts)
     a = json.loads((whole / "results.json").read_text())
     b = json.loads((parts / "results.json").read_text())
@@ -59,10 +60,10 @@ def test_tiny_run_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, monk
     assert (
         run_a["device"] == run_b["device"] == "cpu"
     )  # --device cpu, and auto on a CPU-only machine
-    lines = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    lines = job_records(parts)
     assert [r["step"] for r in lines] == [2, 4] and {r["method"] for r in lines} == {"msr"}
     assert all(0 <= r["val_accuracy"] <= 1 for r in lines)  # a fraction, as evaluate gives it
-    saved = msr.saving.read(whole / "model_msr_omniglot_5w1s_s0.pt")
+    saved = msr.saving.read(whole / "msr_omniglot_5w1s_s0" / "model.pt")
     job = saved["metadata"]
     assert job["driver"] == "few_shot" and job["tags"]["method"] == "msr"
     assert job["step"] == 4 and job["preset"] == "tiny"
@@ -153,16 +154,16 @@ def test_test_time_inner_steps_are_chosen_on_validation_and_tested_once(tmp_path
     assert found["inner_curvature"]["smallest"] <= found["inner_curvature"]["largest"]
     assert "support_hessian" not in protonet["analysis"]
     assert "maml 5w1s s0: h-flip" in done.stdout and "protonet 5w1s s0: h-flip" in done.stdout
-    figures = sorted(grid_run.glob("symmetry_*.png"))
-    assert [f.name for f in figures] == [
-        "symmetry_maml_omniglot_5w1s_s0.png",
-        "symmetry_protonet_omniglot_5w1s_s0.png",
+    figures = sorted(grid_run.glob("*/*.png"))
+    assert [str(f.relative_to(grid_run)) for f in figures] == [
+        "maml_omniglot_5w1s_s0/symmetry.png",
+        "protonet_omniglot_5w1s_s0/symmetry.png",
     ]
     assert_redraw_reproduces(grid_run, figures)
     # the model file carries the choice: msr.load's learner evaluates at it by default
-    loaded = msr.load(grid_run / "model_maml_omniglot_5w1s_s0.pt")
+    loaded = msr.load(grid_run / "maml_omniglot_5w1s_s0" / "model.pt")
     assert loaded.test_inner_steps == maml["test_inner_steps"] and loaded.inner_steps == 1
-    assert msr.load(grid_run / "model_protonet_omniglot_5w1s_s0.pt").ways == 5
+    assert msr.load(grid_run / "protonet_omniglot_5w1s_s0" / "model.pt").ways == 5
     chosen = str(maml["test_inner_steps"])
     _run("--methods", "maml", "--preset", "tiny", "--test-inner-steps", chosen, "--out", fixed_run)
     (fixed,) = json.loads((fixed_run / "results.json").read_text())["runs"]

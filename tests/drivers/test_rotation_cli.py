@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
-from run_records import assert_redraw_reproduces
+from run_records import assert_redraw_reproduces, job_records
 
 import msr
 from experiments.presets import ROTATION
@@ -63,19 +63,19 @@ def test_cli_c8_both_protocols_scores_and_resume(tmp_path):
     assert runs["MSR-Conv", "paper"]["symmetry"]["max_principal_angle_deg"] is None  # U square
     assert 0 <= runs["MSR-Conv-dense", "paper"]["symmetry"]["max_principal_angle_deg"] <= 90
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert len(records) == 2 * len(METHODS) * len(PROTOCOLS)
     assert {r["protocol"] for r in records} == set(PROTOCOLS)
 
     # each run's model is saved; the learned U's are drawn, and redrawn from the model files
-    assert len(list(out.glob("model_*.pt"))) == len(METHODS) * len(PROTOCOLS)
-    saved = msr.saving.read(out / "model_MSR-Conv-dense_c8_swept_s1.pt")
+    assert len(list(out.glob("*/model.pt"))) == len(METHODS) * len(PROTOCOLS)
+    saved = msr.saving.read(out / "MSR-Conv-dense_c8_swept_s1" / "model.pt")
     job = saved["metadata"]
     assert job["driver"] == "rotation" and job["config"]["lr_candidates"] == (0.1, 10.0)
     assert saved["state_dict"]["model.U"].shape == (24 * 9, 18)
-    figures = sorted(out.glob("U_*.png"))
-    assert [f.name for f in figures] == sorted(
-        f"U_{m}_c8_{p}_s1.png" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
+    figures = sorted(out.glob("*/U.png"))
+    assert [f.parent.name for f in figures] == sorted(
+        f"{m}_c8_{p}_s1" for m in ("MSR-Conv", "MSR-Conv-dense") for p in PROTOCOLS
     )
     assert_redraw_reproduces(out, figures)
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
+from run_records import job_records
 
 from experiments.synthetic import LEARNED_U, METHODS, ORACLE, PAPER_TABLE1
 
@@ -51,7 +52,7 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
         assert run["paper_mse"] == paper
         assert run["steps"] == 6 and run["mse"] > 0 and run["ci95"] > 0 and run["device"] == "cpu"
         assert ("symmetry" in run) == (method in LEARNED_U)
-        assert (out / f"U_{method}_k{k}_s3.png").stat().st_size > 10_000
+        assert (out / f"{method}_k{k}_s3" / "U.png").stat().st_size > 10_000
     assert f"| {ORACLE} |" in done.stdout and "(—)" in done.stdout
     assert "6 outer steps on cpu" in done.stdout
     for k in (1, 2):  # the oracle starts at the generator's basis (chance recall is ~0.001)
@@ -61,7 +62,7 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     assert 0 <= symmetry["recall"] <= 1 and 0 <= symmetry["max_principal_angle_deg"] <= 90
     assert symmetry["translation_equivariance_error"] > 0
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [(r["method"], r["k"], r["step"]) for r in records][:2] == [
         ("MAML-Conv", 1, 3),
         ("MAML-Conv", 1, 6),
@@ -70,13 +71,13 @@ def test_cli_tiny_preset_writes_table_metrics_results_and_figures(tmp_path):
     assert records[-1]["test_mse"] == runs[(ORACLE, 2)]["mse"]
 
     # what each run learned is saved, loads without running code, and redraws its figure
-    saved = torch.load(out / "model_MSR-FC_k1_s3.pt", weights_only=True)
+    saved = torch.load(out / "MSR-FC_k1_s3" / "model.pt", weights_only=True)
     job = saved["metadata"]  # an msr.save file: the job and its progress beside the model
     assert job["driver"] == "synthetic" and job["seed"] == 3
     assert job["tags"] == {"method": "MSR-FC", "k": 1, "seed": 3} and job["config"]["steps"] == 6
     assert saved["state_dict"]["model.U"].shape == (68 * 70, 3)
-    assert len(list(out.glob("model_*.pt"))) == len(runs)
-    figure = out / "U_MSR-FC_k1_s3.png"
+    assert len(list(out.glob("*/model.pt"))) == len(runs)
+    figure = out / "MSR-FC_k1_s3" / "U.png"
     drawn = figure.read_bytes()
     figure.unlink()
     redraw = [sys.executable, "-m", "experiments.redraw", str(out)]
@@ -161,10 +162,10 @@ def test_tensorboard_logs_the_same_numbers_as_the_metrics_file(tmp_path):
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = job_records(out)
     runs = sorted(str(p.parent.relative_to(out / "tensorboard")) for p in out.rglob("*tfevents*"))
-    assert set(runs) == {"MAML-Conv/k=2/seed=5", "MSR-FC/k=2/seed=5"}
-    board = EventAccumulator(str(out / "tensorboard" / "MSR-FC" / "k=2" / "seed=5"))
+    assert set(runs) == {"MAML-Conv_k2_s5", "MSR-FC_k2_s5"}  # named as the job folders
+    board = EventAccumulator(str(out / "tensorboard" / "MSR-FC_k2_s5"))
     board.Reload()
     ours = [r for r in records if r["method"] == "MSR-FC"]
     for tag, field in (("test/mse", "test_mse"), ("train/loss", "train_loss")):

@@ -195,7 +195,8 @@ def test_few_shot_resumes_on_another_device(tmp_path, first, then):
     common = ("experiments.few_shot", "--method", "msr", "--out", tmp_path)
     _run(*common, "--steps", "2", "--device", first)
     _run(*common, "--resume", "--device", then)
-    result = json.loads((tmp_path / "results.json").read_text())
+    job = tmp_path / "msr_omniglot_5w1s_s0"
+    result = json.loads((job / "result.json").read_text())["result"]
     assert result["device"] == str(resolve_device(then)) and result["steps"] == 4
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]

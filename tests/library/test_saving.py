@@ -143,7 +143,7 @@ def test_a_drivers_model_file_loads_without_the_drivers(tmp_path):
     command += ["tiny", "--steps", "2", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    model = out / "model_msr_omniglot_5w1s_s0.pt"
+    model = out / "msr_omniglot_5w1s_s0" / "model.pt"
     check = (
         "import sys, msr; learner = msr.load(sys.argv[1]); "
         "assert 'experiments' not in sys.modules; "

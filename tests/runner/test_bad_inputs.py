@@ -13,13 +13,18 @@ import pytest
 from conftest import FIXTURE_NPZ
 from run_records import driver_status, error_lines
 
-from experiments import cli, few_shot, redraw, synthetic
+from experiments import cli, few_shot, redraw, report, synthetic
 from experiments.cli import seed_value
 from msr.data import load_omniglot
 from msr.data.episodes import ImageClasses
 
 NPZ = FIXTURE_NPZ
-DRIVERS = {"synthetic": synthetic.main, "few_shot": few_shot.main, "redraw": redraw.main}
+DRIVERS = {
+    "synthetic": synthetic.main,
+    "few_shot": few_shot.main,
+    "redraw": redraw.main,
+    "report": report.main,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -66,16 +71,22 @@ def test_the_largest_seed_is_accepted():
     assert seed_value(str(2**63 - 1)) == 2**63 - 1 and seed_value("0") == 0
 
 
-def test_an_edited_results_file_is_refused_on_resume_and_on_redraw(tmp_path, capsys):
+def test_an_edited_results_file_is_refused_on_resume_on_redraw_and_by_the_report(tmp_path, capsys):
     out = tmp_path / "run"
     _ok(capsys, "synthetic", *SYNTHETIC, "--out", str(out))
-    results = json.loads((out / "results.json").read_text())
-    del results["runs"][0]["mse"]  # an entry the driver would not have written
-    (out / "results.json").write_text(json.dumps(results))
+    result = out / "MAML-FC_k1_s0" / "result.json"
+    edited = json.loads(result.read_text())
+    del edited["result"]["mse"]  # an entry the driver would not have written
+    result.write_text(json.dumps(edited))
     for command in [("synthetic", *SYNTHETIC, "--out", str(out), "--resume"), ("redraw", out)]:
         line = _one_line(capsys, *map(str, command))
-        assert f"{out / 'results.json'} was changed after its run wrote it" in line
-    (out / "results.json").write_text("[]")  # not even an object
+        assert f"{result} was changed after its run wrote it" in line
+    summary = json.loads((out / "results.json").read_text())
+    summary["runs"][0]["mse"] /= 2
+    (out / "results.json").write_text(json.dumps(summary))
+    line = _one_line(capsys, "report", str(out), "--method", "MAML-FC")
+    assert f"{out / 'results.json'} was changed after its run wrote it" in line
+    result.write_text("[]")  # not even an object
     assert "is not a results file" in _one_line(capsys, "redraw", str(out))
 
 
@@ -86,16 +97,17 @@ def _few_shot_run(capsys, out, *more):
 def test_an_edited_metrics_log_is_one_line_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     _few_shot_run(capsys, out, "--steps", "2")
-    with (out / "metrics.jsonl").open("a") as log:
+    metrics = out / "maml_omniglot_5w1s_s0" / "metrics.jsonl"
+    with metrics.open("a") as log:
         log.write('{"val_accuracy": 50.0}\n')  # parses, but is no record of a step
     line = _one_line(capsys, "few_shot", *FEW_SHOT, "--out", str(out), "--resume")
-    assert f"{out / 'metrics.jsonl'}, line 2: not a metrics record (no integer step)" in line
+    assert f"{metrics}, line 2: not a metrics record (no integer step)" in line
 
 
 def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     _few_shot_run(capsys, out, "--steps", "2")
-    checkpoint = out / "model_maml_omniglot_5w1s_s0.pt"  # the job's model file is its checkpoint
+    checkpoint = out / "maml_omniglot_5w1s_s0" / "model.pt"  # the job's model file: its checkpoint
     checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
     line = _one_line(capsys, "few_shot", *FEW_SHOT, "--out", str(out), "--resume")
     assert f"{checkpoint} cannot be loaded safely" in line
@@ -106,7 +118,7 @@ def test_a_steps_below_the_checkpoint_or_another_preset_is_refused(tmp_path, cap
     _few_shot_run(capsys, out)
     argv = ("--method", "maml", "--out", str(out), "--resume")
     line = _one_line(capsys, "few_shot", "--preset", "tiny", "--steps", "2", *argv)
-    assert "a job has trained 4 steps, more than --steps 2" in line
+    assert "has trained 4 steps, more than --steps 2" in line
     line = _one_line(capsys, "few_shot", "--preset", "cpu", *argv)
     assert "belongs to another run" in line and "'preset': ('tiny', 'cpu')" in line
     assert "'config.hidden': (4, 32)" in line

@@ -191,7 +191,7 @@ def started_rank1(launcher_pid: int, private: Path) -> int:
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
-    return [msr.saving.read(path)["metadata"]["step"] for path in out.glob("model_*.pt")]
+    return [msr.saving.read(path)["metadata"]["step"] for path in out.glob("*/model.pt")]
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
@@ -209,8 +209,8 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
     one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
     differing = _differing(_without_times(two), _without_times(one))
     assert differing == [], differing
-    metrics = logged_metrics(tmp_path / "two" / "metrics.jsonl")
-    assert _differing(metrics, logged_metrics(tmp_path / "one" / "metrics.jsonl")) == []
+    metrics = logged_metrics(tmp_path / "two")
+    assert _differing(metrics, logged_metrics(tmp_path / "one")) == []
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )  # rank 0's files alone, as one process writes them
@@ -237,7 +237,7 @@ def test_a_driver_under_torchrun_runs_like_one_process_and_resumes_after_a_stop(
     resumed = _launch(pair, stopped, private, "--resume")
     assert resumed.stdout.count("Meta-test") == 1
     assert _without_times(json.loads((stopped / "results.json").read_text())) == _without_times(two)
-    assert logged_metrics(stopped / "metrics.jsonl") == metrics
+    assert logged_metrics(stopped) == metrics
     assert not list(private.glob("msr-rank*"))
 
 

@@ -271,7 +271,7 @@ def test_tensorboard_shows_each_step_once_after_a_kill_and_resume(tmp_path):
     options += ["--set", "eval_every=10", "checkpoint_every=50", "test_tasks=2"]
     command = [sys.executable, "-m", "experiments.synthetic", *options]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 200
+    metrics, deadline = out / "MSR-FC_k1_s0" / "metrics.jsonl", time.monotonic() + 200
     while time.monotonic() < deadline:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if lines and json.loads(lines[-1])["step"] >= 70:  # past the checkpoint at 50
@@ -316,7 +316,7 @@ def test_a_killed_worker_process_is_one_line(tmp_path):
         [*command, "--workers", "2"], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
     )
     deadline, workers = time.monotonic() + 120, []
-    while time.monotonic() < deadline and not (out / "metrics.jsonl").exists():
+    while time.monotonic() < deadline and not list(out.glob("*/metrics.jsonl")):
         time.sleep(0.05)
     workers = [p for p in children(process.pid) if b"spawn_main" in _cmdline(p)]
     assert workers
@@ -378,7 +378,7 @@ def test_redraw_refuses_a_run_that_is_still_going(tmp_path, capsys):
     out = tmp_path / "run"
     options = [*SYNTHETIC_TINY, "--out", str(out)]
     assert driver_status(synthetic.main, "synthetic", [*options, "--steps", "2"]) == 0
-    saved = msr.saving.read(out / "model_MSR-FC_k1_s0.pt")["metadata"]
+    saved = msr.saving.read(out / "MSR-FC_k1_s0" / "model.pt")["metadata"]
     assert saved["step"] == saved["config"]["steps"]
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
@@ -386,11 +386,11 @@ def test_redraw_refuses_a_run_that_is_still_going(tmp_path, capsys):
             import sys, time
             from pathlib import Path
             from experiments.rundir import claim_output
-            with claim_output(Path(sys.argv[1]), True, False, lambda: sys.argv[2:]):
+            with claim_output(Path(sys.argv[1]), True, False):
                 print("holding", flush=True)
                 time.sleep(60)
             """
-        ), str(out), *os.listdir(out)],
+        ), str(out)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -409,10 +409,9 @@ def test_redraw_of_a_run_with_no_finished_job_says_so(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 0
-    model = out / "model_MSR-FC_k1_s0.pt"
-    saved = msr.saving.read(model)
-    metadata = {**saved["metadata"], "step": 1}  # as a checkpoint midway leaves it
-    msr.save(msr.load(model), model, metadata, state=saved["state"])
+    (out / "MSR-FC_k1_s0" / "result.json").unlink()  # as a job cut off midway leaves it
     capsys.readouterr()
     assert driver_status(redraw.main, "redraw", [str(out)]) == 2
-    assert "no job has finished training" in capsys.readouterr().err
+    assert "no job has finished (1 job folder, none with its result.json)" in (
+        capsys.readouterr().err
+    )

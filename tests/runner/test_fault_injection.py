@@ -33,7 +33,8 @@ DRIVERS = {  # module, and the arguments of a tiny run of two jobs (few_shot: on
     ),
     "few_shot": (few_shot, shlex.split("--preset tiny --method msr")),
 }
-FEW_SHOT_MODEL = "model_msr_omniglot_5w1s_s0.pt"  # the few-shot job's model file and checkpoint
+FEW_SHOT_MODEL = "msr_omniglot_5w1s_s0/model.pt"  # the few-shot job's model file and checkpoint
+FIRST_JOB = {"synthetic": "MSR-FC_k1_s0", "rotation": "MSR-Conv_c8_paper_s0"}
 # What a bad command line or bad data looks like to each driver (refused before --out is touched).
 BAD_INPUT = {
     "synthetic": [("--steps", "0"), ("--inner-lr", "inf"), ("--seed", str(2**63))],
@@ -68,18 +69,18 @@ def _without_times(value):
 def _outcome(out: Path):
     """What a finished run leaves, without wall times: results, metrics, learned states."""
     models = {
-        p.name: {k: v.tolist() for k, v in msr.saving.read(p)["state_dict"].items()}
-        for p in sorted(out.glob("model_*.pt"))
+        p.parent.name: {k: v.tolist() for k, v in msr.saving.read(p)["state_dict"].items()}
+        for p in sorted(out.glob("*/model.pt"))
     }
     return (
         _without_times(read_results(out / "results.json")),
-        logged_metrics(out / "metrics.jsonl"),
+        logged_metrics(out),
         models,
     )
 
 
 def _files(out: Path):
-    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 class Counter:
@@ -204,9 +205,11 @@ def test_a_disk_that_fills_midway_loses_nothing(tmp_path, monkeypatch, capsys, n
     assert "the disk is full" in line
     left = _files(out)
     assert LOCK_NAME not in left and not [n for n in left if n.endswith(".tmp")]
-    read_results(out / "results.json") if "results.json" in left else None  # intact, verified
-    for model in [n for n in left if n.startswith("model_")]:
-        msr.saving.read(out / model)  # intact, verified
+    for file in left:  # each intact, verified
+        if file.endswith("model.pt"):
+            msr.saving.read(out / file)
+        elif file.endswith(".json"):
+            read_results(out / file)
     disk.full_at = None
     assert _cli(name, out, "--resume") == 0
     assert _outcome(out) == reference[name]["outcome"]
@@ -239,7 +242,7 @@ def test_sigterm_during_validation_then_resume(tmp_path, monkeypatch, capsys, na
     if name == "few_shot":
         saved = msr.saving.read(out / FEW_SHOT_MODEL)["metadata"]
         assert saved["step"] == 4 and saved["unvalidated"] is not None
-        assert [r["step"] for r in logged_metrics(out / "metrics.jsonl")] == [2]
+        assert [r["step"] for r in logged_metrics(out)] == [2]
     assert _cli(name, out, "--resume") == 0
     assert _outcome(out) == reference[name]["outcome"]
 
@@ -281,8 +284,8 @@ def _a_stored_byte(path: Path) -> int:
 
 def _state_file(name: str, out: Path) -> Path:
     """The file a resume continues from: the few-shot job's checkpoint (its model file), the
-    others' results (their first job has finished)."""
-    return out / (FEW_SHOT_MODEL if name == "few_shot" else "results.json")
+    others' first job's result (it has finished)."""
+    return out / (FEW_SHOT_MODEL if name == "few_shot" else f"{FIRST_JOB[name]}/result.json")
 
 
 @pytest.mark.parametrize("name", DRIVERS)
@@ -324,7 +327,8 @@ def test_a_corrupted_checkpoint_is_refused_and_kept(
 def test_overwrite_with_bad_input_keeps_the_earlier_run(tmp_path, capsys, name, bad):
     """Arguments and data are checked before --overwrite removes anything (before, the
     few-shot driver removed the finished run and then failed on a mistyped --data)."""
-    earlier = {"results.json": b"{}", "metrics.jsonl": b"", "model_x.pt": b"the model"}
+    earlier = {"results.json": b"{}", "x_s0/metrics.jsonl": b"", "x_s0/model.pt": b"the model"}
+    (tmp_path / "x_s0").mkdir()
     for file, content in earlier.items():
         (tmp_path / file).write_bytes(content)
     assert _cli(name, tmp_path, "--overwrite", *bad) == 2

@@ -20,7 +20,7 @@ from run_records import driver_status, logged_metrics
 from experiments import cli, synthetic
 from experiments.control import WriteFailedError, run_cli
 from experiments.rundir import LOCK_NAME
-from experiments.runfiles import MetricsLog, atomic_write, read_results, write_results
+from experiments.runfiles import MetricsLog, atomic_write
 
 
 def _run(module, *arguments, umask=None):
@@ -65,15 +65,15 @@ def _one_line_error(done, status=2):
 def test_a_second_run_into_a_finished_out_is_refused_unless_resumed_or_overwritten(tmp_path):
     out = tmp_path / "run"
     assert _synthetic(out).returncode == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     line = _one_line_error(_run("experiments.rotation", "--group", "c8", "--out", out))
     assert str(out) in line and "--resume" in line and "--overwrite" in line
     assert "another --out" in line
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
     replaced = _run("experiments.rotation", "--group", "c8", "--methods", "MAML-Conv",
                     "--protocols", "paper", "--out", out, "--overwrite")  # fmt: skip
     assert replaced.returncode == 0, replaced.stderr
-    assert not list(out.glob("*MSR-FC*")) and list(out.glob("model_MAML-Conv_c8_paper_s0.pt"))
+    assert not list(out.glob("*MSR-FC*")) and (out / "MAML-Conv_c8_paper_s0" / "model.pt").exists()
     both = _synthetic(out, "--resume", "--overwrite")
     assert "pick one" in _one_line_error(both)
 
@@ -121,38 +121,37 @@ def test_out_naming_a_file_is_one_line(tmp_path):
         ('{"seeds": [0]}', "is not a results file of these drivers"),
     ],
 )
-def test_a_corrupt_results_file_on_resume_is_one_line(tmp_path, content, message):
-    (tmp_path / "results.json").write_text(content)
-    line = _one_line_error(_synthetic(tmp_path, "--resume"))
-    assert str(tmp_path / "results.json") in line and message in line
+def test_a_corrupt_job_result_on_resume_is_one_line(tmp_path, content, message, synthetic_here):
+    assert synthetic_here(tmp_path, "--steps", "2").returncode == 0
+    (result := tmp_path / "MSR-FC_k1_s0" / "result.json").write_text(content)
+    line = _one_line_error(synthetic_here(tmp_path, "--steps", "2", "--resume"))
+    assert str(result) in line and message in line
 
 
 def test_a_corrupt_metrics_file_on_resume_is_one_line(tmp_path, synthetic_here):
     out = tmp_path / "run"
     assert synthetic_here(out, "--steps", "3").returncode == 0
-    results = read_results(out / "results.json")
-    results["runs"] = []  # as if the job had not finished: resume reads the metrics log
-    write_results(out / "results.json", results)
-    with (out / "metrics.jsonl").open("a") as log:
+    job = out / "MSR-FC_k1_s0"
+    (job / "result.json").unlink()  # as if the job had not finished: resume reads its log
+    with (job / "metrics.jsonl").open("a") as log:
         log.write("{truncated\n")
     line = _one_line_error(synthetic_here(out, "--steps", "3", "--resume"))
-    assert f"{out / 'metrics.jsonl'}, line 2: not a JSON record" in line
+    assert f"{job / 'metrics.jsonl'}, line 2: not a JSON record" in line
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, synthetic_here):
     """A stop or a full disk in the middle of an append leaves a line without its newline."""
     out = tmp_path / "run"
     assert synthetic_here(out, "--steps", "3").returncode == 0
-    finished = logged_metrics(out / "metrics.jsonl")
-    results = read_results(out / "results.json")
-    results["runs"] = []  # as if the job had been cut off: it is redone
-    write_results(out / "results.json", results)
-    with (out / "metrics.jsonl").open("a") as log:
+    job = out / "MSR-FC_k1_s0"
+    finished = logged_metrics(job / "metrics.jsonl")
+    (job / "result.json").unlink()  # as if the job had been cut off: its scoring is redone
+    with (job / "metrics.jsonl").open("a") as log:
         log.write('{"method": "MSR-FC", "k": 1, "seed": 0, "step"')
     resumed = synthetic_here(out, "--steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "dropping its torn last line" in resumed.stderr
-    assert logged_metrics(out / "metrics.jsonl") == finished
+    assert logged_metrics(job / "metrics.jsonl") == finished
 
 
 def test_a_metrics_append_on_a_full_disk_says_so():
@@ -177,7 +176,7 @@ def test_checkpoints_load_without_running_code_and_bad_ones_are_one_line(
     tmp_path, kind, synthetic_here
 ):
     assert synthetic_here(tmp_path, "--steps", "2").returncode == 0
-    checkpoint, marker = tmp_path / "model_MSR-FC_k1_s0.pt", tmp_path / "pwned"
+    checkpoint, marker = tmp_path / "MSR-FC_k1_s0" / "model.pt", tmp_path / "pwned"
     if kind == "code":
         torch.save({"run": _RunsCode(marker)}, checkpoint)
         torch.load(checkpoint, weights_only=False)  # the crafted file does run code if trusted
@@ -224,7 +223,8 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     out = tmp_path / "run"
     assert _synthetic(out, umask=umask).returncode == 0
     expected = 0o666 & ~umask
-    for name in ("results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt", "U_MSR-FC_k1_s0.png"):
+    job = ("MSR-FC_k1_s0/" + name for name in ("metrics.jsonl", "model.pt", "result.json", "U.png"))
+    for name in ("results.json", *job):
         assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
 
 

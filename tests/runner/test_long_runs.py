@@ -49,9 +49,7 @@ def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(json.loads((tmp_path / name / "results.json").read_text())["runs"])
     assert _without_wall(runs[0]) == _without_wall(runs[1])
-    assert logged_metrics(tmp_path / "a" / "metrics.jsonl") == logged_metrics(
-        tmp_path / "b" / "metrics.jsonl"
-    )
+    assert logged_metrics(tmp_path / "a") == logged_metrics(tmp_path / "b")
 
 
 # SIGKILL ends the process at once; SIGINT (like SIGTERM) stops it between writes, with a
@@ -82,8 +80,8 @@ FEW_SHOT = [
     *(sys.executable, "-m", "experiments.few_shot", "--method", "maml", "--preset", "tiny"),
     *("--steps", "30", "--seed", "1"),
 ]
-FEW_SHOT_MODEL = "model_maml_omniglot_5w1s_s1.pt"  # its job's model file and checkpoint
-PROTONET_MODEL = "model_protonet_omniglot_5w1s_s0.pt"
+FEW_SHOT_MODEL = "maml_omniglot_5w1s_s1/model.pt"  # its job's model file and checkpoint
+PROTONET_MODEL = "protonet_omniglot_5w1s_s0/model.pt"
 
 
 def _uninterrupted(tmp_path_factory, command) -> Path:
@@ -138,9 +136,7 @@ def test_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
     b = json.loads((killed / "results.json").read_text())
     assert _without_wall(a["runs"]) == _without_wall(b["runs"])
     # Lines logged after the last checkpoint are dropped on resume and redone identically.
-    assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
-        whole_few_shot / "metrics.jsonl"
-    )
+    assert logged_metrics(killed) == logged_metrics(whole_few_shot)
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -180,17 +176,15 @@ def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = killed / "metrics.jsonl"
+    metrics = killed / "MSR-FC_k1_s2" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and '"MSR-FC"' not in (
-        metrics.read_text() if metrics.exists() else ""
-    ):
+    while time.monotonic() < deadline and not _lines(metrics):
         time.sleep(0.01)
     _stop(process, signum, expected_status)
     # It really stopped inside the second job: the first is saved, the second only logged.
     partial = json.loads((killed / "results.json").read_text())
     assert [r["method"] for r in partial["runs"]] == ["MAML-Conv"]
-    assert '"MSR-FC"' in metrics.read_text()
+    assert _lines(metrics) and not (metrics.parent / "result.json").exists()
 
     resumed = subprocess.run(
         _two_jobs(killed, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
@@ -200,24 +194,26 @@ def test_synthetic_stopped_midway_then_resume_ends_like_an_uninterrupted_run(
     b = json.loads((killed / "results.json").read_text())
     assert _without_wall(a["runs"]) == _without_wall(b["runs"])
     assert b["runs"][0]["wall_s"] == partial["runs"][0]["wall_s"]  # kept, not rerun
-    assert logged_metrics(killed / "metrics.jsonl") == logged_metrics(
-        whole_synthetic / "metrics.jsonl"
-    )
+    assert logged_metrics(killed) == logged_metrics(whole_synthetic)
 
 
-def test_synthetic_resume_refuses_a_missing_or_foreign_results_file(tmp_path):
+def test_synthetic_resume_refuses_a_missing_summary_or_a_foreign_job(tmp_path):
     out = tmp_path / "run"
     missing = subprocess.run(
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert missing.returncode == 2 and "results.json does not exist" in missing.stderr
-    out.mkdir(exist_ok=True)
-    write_results(out / "results.json", {"seeds": [9], "preset": "tiny", "runs": []})
+    (out / "MAML-Conv_k1_s2").mkdir(parents=True)
+    write_results(out / "results.json", {})
+    identity = {"driver": "synthetic", "seed": 2, "preset": "quick", "config": {"steps": 800}}
+    foreign_job = {"identity": identity, "result": {"steps": 800}}
+    write_results(out / "MAML-Conv_k1_s2" / "result.json", foreign_job)
     foreign = subprocess.run(
         _two_jobs(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert foreign.returncode == 2 and "belongs to another run" in foreign.stderr
-    assert "'seeds': ([9], [2])" in foreign.stderr
+    assert "MAML-Conv_k1_s2/result.json" in foreign.stderr
+    assert "'preset': ('quick', 'tiny')" in foreign.stderr
 
 
 def test_synthetic_non_finite_loss_stops_and_keeps_the_finished_runs(tmp_path, monkeypatch):
@@ -305,9 +301,9 @@ def test_a_stop_with_worker_processes_ends_them_at_once(tmp_path):
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    metrics = out / "metrics.jsonl"
+    metrics = [out / job / "metrics.jsonl" for job in ("MAML-Conv_k1_s2", "MSR-FC_k1_s2")]
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_lines(metrics)) < 2:
+    while time.monotonic() < deadline and not all(map(_lines, metrics)):
         time.sleep(0.05)  # the workers are meta-training
     workers = children(process.pid)
     assert workers

@@ -1,11 +1,10 @@
 """An --out is held by exactly one run and holds only its own files: a live holder refuses the
 others, whatever number start at once; a lock whose run ended (killed, or on a full disk before
 it could name itself) is taken over with a note and never wedges the directory; a run follows
-no link inside --out, removes only what it recorded, and clears the temporaries of a killed
+no link inside --out, removes only a run's files, and clears the temporaries of a killed
 write."""
 
 import errno
-import json
 import os
 import stat
 import subprocess
@@ -127,8 +126,8 @@ def test_a_full_disk_at_start_is_one_error_and_leaves_no_lock(tmp_path, monkeypa
     assert "taking over the lock" in capsys.readouterr().err
 
 
-def _claim(out, resume=False, overwrite=False, recorded=()):
-    with claim_output(out, resume, overwrite, lambda: recorded):
+def _claim(out, resume=False, overwrite=False):
+    with claim_output(out, resume, overwrite):
         pass
 
 
@@ -164,14 +163,24 @@ def test_a_dangling_lock_link_ends_the_start_within_seconds(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "results.json", "model_x_s0.pt"])
+@pytest.mark.parametrize("name", ["results.json", "curve_x.png", "job/metrics.jsonl"])
 def test_a_link_where_a_run_writes_is_refused(tmp_path, name):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "job").mkdir(parents=True)
     (out / name).symlink_to(tmp_path / "outside")  # dangling: a write would create it
     with pytest.raises(RunError, match=f"{name} is a symbolic link"):
-        _claim(out, resume=True, recorded=[name])
+        _claim(out, resume=True)
     assert not (tmp_path / "outside").exists()
+
+
+def test_a_job_folder_that_is_a_link_is_refused(tmp_path, capsys):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "MSR-FC_k1_s0").symlink_to(elsewhere)
+    assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 2
+    assert "MSR-FC_k1_s0 is a symbolic link" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_a_link_inside_the_tensorboard_tree_is_refused(tmp_path):
@@ -179,39 +188,54 @@ def test_a_link_inside_the_tensorboard_tree_is_refused(tmp_path):
     (out / "tensorboard" / "job").mkdir(parents=True)
     (out / "tensorboard" / "job" / "events").symlink_to(tmp_path / "outside")
     with pytest.raises(RunError, match="events is a symbolic link"):
-        _claim(out, resume=True, recorded=["tensorboard"])
+        _claim(out, resume=True)
 
 
-def test_overwrite_removes_only_what_the_run_recorded(tmp_path, capsys):
+def test_overwrite_removes_only_the_run_and_refuses_a_file_of_yours_in_a_job_folder(
+    tmp_path, capsys
+):
     out = tmp_path / "run"
     assert driver_status(synthetic.main, "synthetic", [*SYNTHETIC_TINY, "--out", str(out)]) == 0
-    recorded = json.loads((out / "results.json").read_text())["outputs"]
-    assert {"results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt"} <= set(recorded)
-    assert "tensorboard" not in recorded  # not asked for
-    mine = [out / "model_mine.pt", out / "tensorboard" / "my_events"]
-    mine[1].parent.mkdir()
-    for path in mine:
+    job = out / "MSR-FC_k1_s0"
+    assert {p.name for p in job.iterdir()} == {"metrics.jsonl", "model.pt", "result.json", "U.png"}
+    beside, inside = [out / "model_mine.pt", out / "figures" / "a.png"], job / "notes.txt"
+    beside[1].parent.mkdir()
+    for path in [*beside, inside]:
         path.write_text("mine")
     capsys.readouterr()
     again = [*SYNTHETIC_TINY, "--out", str(out), "--overwrite"]
     assert driver_status(synthetic.main, "synthetic", again) == 2
-    assert "model_mine.pt, tensorboard, which its run did not record" in capsys.readouterr().err
-    assert all(path.read_text() == "mine" for path in mine)  # nothing was removed
-    assert (out / "model_MSR-FC_k1_s0.pt").exists()
-    for path in mine:
-        path.unlink()
-    mine[1].parent.rmdir()
+    assert "MSR-FC_k1_s0/notes.txt, which no run writes" in capsys.readouterr().err
+    assert all(path.read_text() == "mine" for path in [*beside, inside])  # nothing was removed
+    assert (job / "model.pt").exists()
+    inside.unlink()
+    before = (job / "model.pt").stat().st_mtime_ns
     assert driver_status(synthetic.main, "synthetic", again) == 0
-    assert sorted(json.loads((out / "results.json").read_text())["outputs"]) == sorted(recorded)
+    assert (job / "model.pt").stat().st_mtime_ns != before  # replaced
+    assert all(path.read_text() == "mine" for path in beside)  # yours, beside the run: kept
+
+
+def test_an_out_of_the_layout_before_job_folders_is_refused_by_resume_and_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("results.json", "metrics.jsonl", "model_MSR-FC_k1_s0.pt"):
+        (out / name).write_text("{}")
+    for flags in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(RunError, match=r"holds metrics\.jsonl: a run folder of msr before"):
+            _claim(out, **flags)
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "model_MSR-FC_k1_s0.pt", "results.json"]
 
 
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "job").mkdir(parents=True)
+    (out / "job" / "metrics.jsonl").write_text("")
+    (out / "job" / ".model.pt.a8_x.tmp").write_text("half a file")
     (out / ".results.json.k3j2_x.tmp").write_text("half a file")
     (out / ".notes.tmp").write_text("yours")
-    _claim(out)
-    assert os.listdir(out) == [".notes.tmp"]
+    _claim(out, resume=True)
+    assert sorted(os.listdir(out)) == [".notes.tmp", "job"]
+    assert os.listdir(out / "job") == ["metrics.jsonl"]
 
 
 def test_a_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):

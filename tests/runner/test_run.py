@@ -107,7 +107,8 @@ def test_settings_override_any_field_typed_and_checked():
 
 def test_the_complete_experiment_of_the_architecture_guide_runs_as_shown(tmp_path):
     """docs/architecture.md's minimal experiment, as printed there (at most 80 lines): a
-    command with the runner's flags, one model file and figure per job, results.json."""
+    command with the runner's flags, a folder per job (its model file, metrics, result and
+    figure), results.json."""
     guide = (REPO_ROOT / "docs" / "architecture.md").read_text()
     code = guide.split("### A complete experiment", 1)[1].split("```python\n", 1)[1]
     code = code.split("```", 1)[0]
@@ -130,11 +131,10 @@ def test_the_complete_experiment_of_the_architecture_guide_runs_as_shown(tmp_pat
     ]
     assert all(0 < r["mse"] < float("inf") for r in results["runs"])
     assert 0 <= results["runs"][0]["symmetry"]["recall"] <= 1
-    assert {p.name for p in out.glob("*.p*")} == {
-        "model_MSR-FC_s0.pt",
-        "model_MAML-FC_s0.pt",
-        "model_MSR-FC_s1.pt",
-        "model_MAML-FC_s1.pt",
-        "U_MSR-FC_s0.png",
-        "U_MSR-FC_s1.png",
+    jobs = ("MSR-FC_s0", "MAML-FC_s0", "MSR-FC_s1", "MAML-FC_s1")
+    files = ("metrics.jsonl", "model.pt", "result.json")
+    expected = {f"{job}/{name}" for job in jobs for name in files}
+    assert {str(p.relative_to(out)) for p in out.glob("*/*")} == expected | {
+        "MSR-FC_s0/U.png",
+        "MSR-FC_s1/U.png",
     }
