@@ -35,6 +35,7 @@ FIXTURE_OMNIGLOT = FIXTURES / "omniglot"
 FIXTURE_NPZ = FIXTURE_OMNIGLOT / "omniglot_28x28_lanczos.npz"
 
 torch.set_num_threads(1)
+pytest_plugins = ["run_records"]  # the runner tests' shared fixtures
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,13 @@
 """An --out is held by exactly one run and holds only its own files: a live holder refuses the
 others, whatever number start at once; a lock whose run ended (killed, or on a full disk before
 it could name itself) is taken over with a note and never wedges the directory; a run follows
-no link inside --out, removes only a run's files, and clears the temporaries of a killed
-write."""
+no link inside --out, removes only a run's files, clears the temporaries of a killed write, never
+replaces an earlier run unless told (--resume, --overwrite, and not with bad input), and writes
+its files under the umask."""
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,16 +17,32 @@ import time
 import pytest
 import torch
 from conftest import REPO_ROOT
-from run_records import driver_status
+from run_records import (
+    BAD_INPUT,
+    DRIVERS,
+    SYNTHETIC_ARGS,
+    SYNTHETIC_TINY,
+    Counter,
+    driver_status,
+    errors_since,
+    files_in,
+    one_line,
+    one_line_error,
+    outcome,
+    run_driver,
+    run_module,
+    run_synthetic,
+    succeeds,
+)
 
 import msr
-from experiments import synthetic
+from experiments import redraw, synthetic
 from experiments.control import RunError
 from experiments.rundir import LOCK_NAME, claim_output
 
-SYNTHETIC_TINY = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1"]
+pytestmark = pytest.mark.usefixtures("in_process")
 
-# Claims --out at a given moment, holds it a while, and says whether it won.
+
 CLAIM = textwrap.dedent(
     """
     import sys, time
@@ -131,7 +149,6 @@ def _claim(out, resume=False, overwrite=False):
         pass
 
 
-# --- links and foreign files in --out ----------------------------------------------------------
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
     precious = tmp_path / "precious.txt"
     precious.write_text("mine\n")
@@ -249,3 +266,161 @@ def test_a_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     msr.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "model.pt")
     assert synced == [False, True]  # the file, then its folder
+
+
+def test_a_second_run_into_a_finished_out_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert run_synthetic(out).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = one_line_error(run_module("experiments.rotation", "--group", "c8", "--out", out))
+    assert str(out) in line and "--resume" in line and "--overwrite" in line
+    assert "another --out" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    replaced = run_module("experiments.rotation", "--group", "c8", "--methods", "MAML-Conv",
+                    "--protocols", "paper", "--out", out, "--overwrite")  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr
+    assert not list(out.glob("*MSR-FC*")) and (out / "MAML-Conv_c8_paper_s0" / "model.pt").exists()
+    both = run_synthetic(out, "--resume", "--overwrite")
+    assert "pick one" in one_line_error(both)
+
+
+def test_few_shot_refuses_a_non_empty_out_too(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    done = run_module("experiments.few_shot", "--method", "maml", "--out", tmp_path)
+    assert "already holds a run (results.json)" in one_line_error(done)
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    line = one_line_error(run_synthetic(file / "run"))
+    assert f"cannot create --out {file / 'run'}: Not a directory" in line
+
+
+def test_out_naming_a_file_is_one_line(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert "is a file, not a directory" in one_line_error(run_synthetic(file))
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    out = tmp_path / "run"
+    assert run_synthetic(out, umask=umask).returncode == 0
+    expected = 0o666 & ~umask
+    job = ("MSR-FC_k1_s0/" + name for name in ("metrics.jsonl", "model.pt", "result.json", "U.png"))
+    for name in ("results.json", *job):
+        assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
+
+
+@pytest.mark.parametrize(
+    "arguments, replaces",
+    [
+        ((), True),
+        (("--preset", "tiny"), True),
+        (("--out", "runs/mine"), False),
+        (("--out=runs/mine",), False),
+        (("--resume",), False),
+    ],
+)
+def test_the_main_script_replaces_only_its_own_demo_directory(tmp_path, arguments, replaces):
+    """scripts/main.sh can be run again (README's first command), but never passes --overwrite
+    to an --out the user chose, nor beside --resume."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "main.sh").write_text((REPO_ROOT / "scripts" / "main.sh").read_text())
+    (scripts / "venv.sh").write_text("PY=echo\n")  # the driver's command line, printed
+    done = subprocess.run(
+        ["bash", str(scripts / "main.sh"), *arguments], capture_output=True, text=True, check=True
+    )
+    command = done.stdout.split()
+    assert command[:5] == ["-m", "experiments.synthetic", "--preset", "quick", "--out"]
+    assert ("--overwrite" in command) == replaces
+    assert command[len(command) - len(arguments) :] == list(arguments)  # passed on, last
+
+
+def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):
+    out, nowhere = tmp_path / "run", tmp_path / "unmounted" / "board"
+    argv = (*SYNTHETIC_ARGS, "--out", str(out), "--tensorboard")
+    succeeds(capsys, "synthetic", *argv)
+    board = out / "tensorboard"
+    assert board.is_dir()
+    shutil.rmtree(board)  # its runs (one folder per job) gone with it
+    board.symlink_to(nowhere)
+    line = one_line(capsys, "synthetic", *argv, "--resume")
+    assert f"{board} is a symbolic link (to {nowhere}): a run follows no link" in line
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "tensorboard").symlink_to(nowhere)
+    for flags in ([], ["--overwrite"]):  # the link is seen, never followed nor replaced
+        line = one_line(
+            capsys, "synthetic", *SYNTHETIC_ARGS, "--out", str(fresh), "--tensorboard", *flags
+        )
+        assert "tensorboard is a symbolic link" in line
+    assert (fresh / "tensorboard").is_symlink() and not nowhere.exists()
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+def test_a_second_start_on_a_running_out_is_refused(tmp_path, monkeypatch, capsys, name, reference):
+    out = tmp_path / "run"
+    second = {}
+
+    def start_again():
+        with monkeypatch.context() as inner:  # the second start, while the first holds --out
+            inner.setattr(torch.optim.Adam, "step", original_step)
+            second["status"] = run_driver(name, out, "--resume")
+
+    original_step = torch.optim.Adam.step
+    counter = Counter(reference[name]["steps"] // 2 + 1, start_again)
+    monkeypatch.setattr(torch.optim.Adam, "step", counter.wrap(original_step))
+    assert run_driver(name, out) == 0
+    [line] = errors_since(capsys)
+    assert second["status"] == 2 and f"is in use by process {os.getpid()}" in line
+    assert outcome(out) == reference[name]["outcome"]  # the first run went on undisturbed
+
+
+@pytest.mark.parametrize(
+    "name, bad", [(n, b) for n, bads in BAD_INPUT.items() for b in bads], ids=str
+)
+def test_overwrite_with_bad_input_keeps_the_earlier_run(tmp_path, capsys, name, bad):
+    """Arguments and data are checked before --overwrite removes anything (before, the
+    few-shot driver removed the finished run and then failed on a mistyped --data)."""
+    earlier = {"results.json": b"{}", "x_s0/metrics.jsonl": b"", "x_s0/model.pt": b"the model"}
+    (tmp_path / "x_s0").mkdir()
+    for file, content in earlier.items():
+        (tmp_path / file).write_bytes(content)
+    assert run_driver(name, tmp_path, "--overwrite", *bad) == 2
+    assert len(errors_since(capsys)) == 1
+    assert files_in(tmp_path) == earlier
+
+
+def test_redraw_refuses_a_run_that_is_still_going(tmp_path, capsys):
+
+    out = tmp_path / "run"
+    options = [*SYNTHETIC_TINY, "--out", str(out)]
+    assert driver_status(synthetic.main, "synthetic", [*options, "--steps", "2"]) == 0
+    saved = msr.saving.read(out / "MSR-FC_k1_s0" / "model.pt")["metadata"]
+    assert saved["step"] == saved["config"]["steps"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import sys, time
+            from pathlib import Path
+            from experiments.rundir import claim_output
+            with claim_output(Path(sys.argv[1]), True, False):
+                print("holding", flush=True)
+                time.sleep(60)
+            """
+        ), str(out)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        capsys.readouterr()
+        assert driver_status(redraw.main, "redraw", [str(out)]) == 2
+        assert f"is in use by process {holder.pid} on " in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert driver_status(redraw.main, "redraw", [str(out)]) == 0

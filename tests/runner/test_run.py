@@ -17,7 +17,7 @@ from torch import nn
 
 from experiments.cli import with_settings
 from experiments.control import Stopped, deferred_stops
-from experiments.presets import FEW_SHOT, RunConfig
+from experiments.presets import FEW_SHOT, SYNTHETIC, RunConfig
 from experiments.run import outer_groups, outer_steps
 from msr import MAML, MSRLinear, NonFiniteLossError, TaskBatch
 
@@ -103,6 +103,13 @@ def test_settings_override_any_field_typed_and_checked():
     ]:
         with pytest.raises(ValueError, match=message):
             with_settings(cfg, settings)
+
+
+def test_a_preset_field_refuses_a_bool_or_a_fraction_for_a_number():
+    with pytest.raises(ValueError, match="inner_lr must be float, got True"):
+        replace(SYNTHETIC["tiny"], inner_lr=True)
+    with pytest.raises(ValueError, match=r"steps must be int, got 2\.5"):
+        replace(SYNTHETIC["tiny"], steps=2.5)
 
 
 def test_the_complete_experiment_of_the_architecture_guide_runs_as_shown(tmp_path):

@@ -1,4 +1,7 @@
-"""Long-run safety: bit-identical reruns, SIGKILL / SIGTERM / SIGINT then --resume, NaN stops."""
+"""Stops and resumes: the same seed repeats bit for bit; SIGINT, SIGTERM or SIGKILL at any
+point (before the first job, in training, in a validation, with worker processes) and --resume
+end exactly as an uninterrupted run, TensorBoard included; a non-finite loss, a killed worker or
+a lost torchrun rank is one line and keeps what was done."""
 
 import json
 import os
@@ -10,16 +13,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT
-from run_records import alive, children, logged_metrics
+from run_records import (
+    DRIVERS,
+    FAULT_FEW_SHOT_MODEL,
+    SYNTHETIC_TINY,
+    alive,
+    children,
+    error_lines,
+    logged_metrics,
+    outcome,
+    run_driver,
+    stopped_at_call,
+)
 
 import msr
-from experiments import few_shot
+from experiments import few_shot, synthetic
 from experiments.control import Stopped, deferred_stops, raise_if_stopped
 from experiments.presets import FEW_SHOT as FEW_SHOT_PRESETS
+from experiments.rundir import LOCK_NAME
 from experiments.runfiles import write_results
-from msr import ProtoNet
+from msr import MAML, ProtoNet
 from msr.models import conv4
+
+pytestmark = pytest.mark.usefixtures("in_process")
 
 
 def _without_wall(runs):
@@ -52,9 +70,6 @@ def test_same_seed_gives_bit_identical_synthetic_results(tmp_path):
     assert logged_metrics(tmp_path / "a") == logged_metrics(tmp_path / "b")
 
 
-# SIGKILL ends the process at once; SIGINT (like SIGTERM) stops it between writes, with a
-# message. SIGTERM takes the same path and is sent to every driver, in training and in
-# validation, by test_fault_injection.py (in-process, so cheaper than a process per case).
 STOPS = [
     (signal.SIGKILL, -signal.SIGKILL),
     (signal.SIGINT, 128 + signal.SIGINT),
@@ -80,7 +95,9 @@ FEW_SHOT = [
     *(sys.executable, "-m", "experiments.few_shot", "--method", "maml", "--preset", "tiny"),
     *("--steps", "30", "--seed", "1"),
 ]
+
 FEW_SHOT_MODEL = "maml_omniglot_5w1s_s1/model.pt"  # its job's model file and checkpoint
+
 PROTONET_MODEL = "protonet_omniglot_5w1s_s0/model.pt"
 
 
@@ -217,7 +234,6 @@ def test_synthetic_resume_refuses_a_missing_summary_or_a_foreign_job(tmp_path):
 
 
 def test_synthetic_non_finite_loss_stops_and_keeps_the_finished_runs(tmp_path, monkeypatch):
-    from experiments import synthetic
     from msr import MAML
 
     calls = 0
@@ -316,3 +332,170 @@ def test_a_stop_with_worker_processes_ends_them_at_once(tmp_path):
     assert not any(map(alive, workers))
     assert json.loads((out / "results.json").read_text())["runs"] == []
     assert not (out / ".lock").exists()
+
+
+def test_a_run_stopped_before_its_first_job_ends_can_be_resumed(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "experiments.synthetic", "--preset", "tiny", "--steps", "2000",
+        "--methods", "MSR-FC", "--k", "1", "--out", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # written, with no runs, before the first job starts
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+    assert not (out / LOCK_NAME).exists()
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == [
+        "MSR-FC"
+    ]
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+def test_sigterm_during_training_then_resume(tmp_path, monkeypatch, capsys, name, reference):
+    out = tmp_path / "run"
+    half = reference[name]["steps"] // 2 + 1
+    status = stopped_at_call(name, out, monkeypatch, torch.optim.Adam, "step", half)
+    assert status == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert run_driver(name, out, "--resume") == 0
+    assert outcome(out) == reference[name]["outcome"]
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+def test_sigterm_during_validation_then_resume(tmp_path, monkeypatch, capsys, name, reference):
+    """few_shot validates in chunks (tiny: 8 tasks in 4 chunks), so the stop lands inside a
+    validation: the trained step is checkpointed and validated when the run resumes (before,
+    the checkpoint stayed at the previous ``checkpoint_every``). The others stop at the next
+    step."""
+    out = tmp_path / "run"
+    last_validation = reference[name]["evaluations"] // 2 + 1
+    if name == "few_shot":  # 2 validations of 4 chunks, then the test: stop in the second
+        last_validation = 5
+    status = stopped_at_call(name, out, monkeypatch, MAML, "evaluate", last_validation)
+    assert status == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    if name == "few_shot":
+        saved = msr.saving.read(out / FAULT_FEW_SHOT_MODEL)["metadata"]
+        assert saved["step"] == 4 and saved["unvalidated"] is not None
+        assert [r["step"] for r in logged_metrics(out)] == [2]
+    assert run_driver(name, out, "--resume") == 0
+    assert outcome(out) == reference[name]["outcome"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_tensorboard_shows_each_step_once_after_a_kill_and_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    options = [*SYNTHETIC_TINY, "--steps", "200", "--tensorboard", "--out", str(out)]
+    options += ["--set", "eval_every=10", "checkpoint_every=50", "test_tasks=2"]
+    command = [sys.executable, "-m", "experiments.synthetic", *options]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "MSR-FC_k1_s0" / "metrics.jsonl", time.monotonic() + 200
+    while time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= 70:  # past the checkpoint at 50
+            break
+        time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    assert 7 <= len(metrics.read_text().splitlines()) < 20  # killed midway
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=REPO_ROOT, capture_output=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    (job,) = [p for p in (out / "tensorboard").rglob("*") if any(p.glob("events.*"))]
+    events = EventAccumulator(str(job))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(10, 201, 10))  # before: 60 and 70 twice
+
+
+def _synthetic_command(out, *options):
+    return [sys.executable, "-m", "experiments.synthetic", *SYNTHETIC_TINY, "--out", str(out),
+            *options]  # fmt: skip
+
+
+def test_a_non_finite_training_loss_is_one_line(tmp_path):
+    """An inner lr the parser takes as positive and finite, but whose softplus underflows."""
+    done = subprocess.run(
+        _synthetic_command(tmp_path / "run", "--inner-lr", "1e-320"),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    (line,) = error_lines(done.stderr)
+    assert "not finite" in line or "non-finite" in line
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_a_killed_worker_process_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    command = _synthetic_command(out, "--steps", "100000", "--methods", "MAML-Conv", "MSR-FC")
+    process = subprocess.Popen(
+        [*command, "--workers", "2"], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and not list(out.glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    workers = [p for p in children(process.pid) if b"spawn_main" in _cmdline(p)]
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    (line,) = error_lines(err)
+    assert "a worker process died" in line and "--resume" in line
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_killed_or_frozen_torchrun_rank_ends_the_run_with_one_line(tmp_path, how):
+    """A frozen rank blocked the other for gloo's 30-minute default; a killed one gave a
+    traceback of gloo's 'Connection reset by peer' and left its private folder behind."""
+    from test_distributed import TORCHRUN, started_rank1
+
+    private = tmp_path / "private"
+    private.mkdir()
+    environment = {**os.environ, "TMPDIR": str(private), "OMP_NUM_THREADS": "1"}
+    environment["MSR_COLLECTIVE_TIMEOUT_S"] = "5"
+    command = [*TORCHRUN, "-m", "experiments.synthetic", *SYNTHETIC_TINY, "--seed", "2"]
+    launcher = subprocess.Popen(
+        [*command, "--steps", "100000", "--set", "meta_batch=4", "--out", str(tmp_path / "run")],
+        cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    rank1 = started_rank1(launcher.pid, private)
+    sent = time.monotonic()
+    os.kill(rank1, how)
+    try:
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if how == signal.SIGSTOP and Path(f"/proc/{rank1}").exists():
+            os.kill(rank1, signal.SIGKILL)
+    assert time.monotonic() - sent < 90
+    assert "rank 0 lost contact with another rank" in err, err
+    assert "experiments/run.py" not in err  # no traceback of the run's (torchrun has one)
+    if how == signal.SIGKILL:  # its folder stays behind: the next run's rank 1 removes it
+        assert list(private.glob("msr-rank1-*"))
+        rerun = subprocess.run(
+            [*command, "--set", "meta_batch=4", "--out", str(tmp_path / "again")],
+            cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert rerun.returncode == 0, rerun.stderr
+        assert not list(private.glob("msr-rank*"))
