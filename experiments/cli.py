@@ -29,8 +29,7 @@ import torch.distributed as dist
 from experiments import report
 from experiments.control import RunError
 from experiments.run import Experiment, run_jobs
-from experiments.rundir import claim_output, run_outputs
-from experiments.runfiles import write_results
+from experiments.rundir import claim_output, run_outputs, write_results
 from msr.devices import DEVICE_HELP, resolve_device, reuse_freed_memory
 from msr.distributed import rank_and_world_size
 

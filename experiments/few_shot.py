@@ -38,8 +38,7 @@ from experiments.control import RunError, raise_if_stopped, run_cli
 from experiments.presets import AUGMENT, FEW_SHOT, FewShotConfig
 from experiments.report import ACCURACY, plot_curves
 from experiments.run import Experiment, Plan, Tags, build_maml
-from experiments.rundir import REPO_ROOT
-from experiments.runfiles import read_records, save_figure
+from experiments.rundir import REPO_ROOT, read_records, save_figure
 from msr import (
     MAML,
     EpisodicLearner,

@@ -19,8 +19,7 @@ import torch
 
 from experiments import few_shot, rotation, synthetic
 from experiments.control import RunError, run_cli
-from experiments.rundir import busy_holder, job_folders
-from experiments.runfiles import read_checkpoint, read_results, save_figure
+from experiments.rundir import busy_holder, job_folders, read_checkpoint, read_results, save_figure
 
 EXPERIMENTS = {e.name: e for e in (synthetic.EXPERIMENT, rotation.EXPERIMENT, few_shot.EXPERIMENT)}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.control import RunError, run_cli
-from experiments.runfiles import read_results, save_figure
+from experiments.rundir import read_results, save_figure
 from msr.stats import PairedComparison, compare_paired, mean_ci95
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from experiments import report
 from experiments.control import RunError, RunFailedError, Stopped, raise_if_stopped
 from experiments.presets import RunConfig
-from experiments.runfiles import (
+from experiments.rundir import (
     MetricsLog,
     differences,
     provenance,

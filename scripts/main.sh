@@ -9,4 +9,10 @@ replace=(--overwrite)
 for argument in "$@"; do
     case "$argument" in --out | --out=* | --resume | --overwrite) replace=() ;; esac
 done
-"$PY" -m experiments.synthetic --preset quick --out runs/synthetic-quick "${replace[@]}" "$@"
+demo=runs/synthetic-quick  # venv.sh works from the repository root
+if [ ${#replace[@]} -gt 0 ] && [ -e "$demo/metrics.jsonl" ]; then
+    # its demo run of the layout before job folders, which --overwrite does not read: replaced
+    echo "removing $demo, a demo run of an earlier layout" >&2
+    rm -rf "$demo"
+fi
+"$PY" -m experiments.synthetic --preset quick --out "$demo" "${replace[@]}" "$@"

@@ -21,7 +21,7 @@ from conftest import REPO_ROOT
 import msr
 from experiments import cli, few_shot, redraw, report, rotation, synthetic
 from experiments.control import run_cli
-from experiments.runfiles import MetricsLog, read_results
+from experiments.rundir import MetricsLog, read_results
 from msr import MAML
 
 

@@ -81,6 +81,7 @@ def test_download_from_a_local_server_and_without_a_network(tmp_path):
         ).read_bytes()
     finally:
         server.shutdown()
+        server.server_close()  # refused from now on (a bound socket would wait out the timeout)
     closed = _command("download", "--root", tmp_path, env={"MSR_OMNIGLOT_URL": url})
     assert closed.returncode == 1
     (line,) = closed.stderr.strip().splitlines()

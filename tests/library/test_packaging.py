@@ -85,7 +85,7 @@ def test_benchmarks_and_notebooks_use_only_public_entries_and_no_test_imports_be
     learners, models and presets), never on the runner; the tests never on benchmarks/."""
     import ast
 
-    runner = {"run", "control", "cli", "rundir", "runfiles", "report", "redraw"}
+    runner = {"run", "control", "cli", "rundir", "report", "redraw"}
 
     def imported(path):
         tree = ast.parse(path.read_text())
@@ -107,7 +107,7 @@ def test_benchmarks_and_notebooks_use_only_public_entries_and_no_test_imports_be
 
 
 def test_the_experiments_import_no_circle():
-    """experiments/ is layered (control <- rundir <- runfiles <- run <- cli <- the drivers <-
+    """experiments/ is layered (control <- rundir <- run <- cli <- the drivers <-
     redraw), nested imports counted: no module reaches itself through its imports."""
     import ast
 

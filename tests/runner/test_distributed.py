@@ -1,6 +1,6 @@
 """Two gloo processes on this machine give the same meta-gradient and scores as one process;
 every driver runs under torchrun like one process, writes --out once, stops on any rank's
-signal and resumes to the same end."""
+signal and resumes to the same end; a killed or frozen rank ends the run with one line."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO_ROOT
-from run_records import children, logged_metrics
+from run_records import SYNTHETIC_TINY, children, logged_metrics
 
 import msr
 from msr import MAML, MSRLinear, TaskBatch
@@ -269,3 +269,39 @@ def test_the_ranks_torchrun_launched_are_known_before_the_group_exists(monkeypat
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert rank_and_world_size(launched=True) == (0, 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_killed_or_frozen_torchrun_rank_ends_the_run_with_one_line(tmp_path, how):
+    """A frozen rank blocked the other for gloo's 30-minute default; a killed one gave a
+    traceback of gloo's 'Connection reset by peer' and left its private folder behind."""
+    private = tmp_path / "private"
+    private.mkdir()
+    environment = {**os.environ, "TMPDIR": str(private), "OMP_NUM_THREADS": "1"}
+    environment["MSR_COLLECTIVE_TIMEOUT_S"] = "5"
+    command = [*TORCHRUN, "-m", "experiments.synthetic", *SYNTHETIC_TINY, "--seed", "2"]
+    launcher = subprocess.Popen(
+        [*command, "--steps", "100000", "--set", "meta_batch=4", "--out", str(tmp_path / "run")],
+        cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    rank1 = started_rank1(launcher.pid, private)
+    sent = time.monotonic()
+    os.kill(rank1, how)
+    try:
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if how == signal.SIGSTOP and Path(f"/proc/{rank1}").exists():
+            os.kill(rank1, signal.SIGKILL)
+    assert time.monotonic() - sent < 90
+    assert "rank 0 lost contact with another rank" in err, err
+    assert "experiments/run.py" not in err  # no traceback of the run's (torchrun has one)
+    if how == signal.SIGKILL:  # its folder stays behind: the next run's rank 1 removes it
+        assert list(private.glob("msr-rank1-*"))
+        rerun = subprocess.run(
+            [*command, "--set", "meta_batch=4", "--out", str(tmp_path / "again")],
+            cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert rerun.returncode == 0, rerun.stderr
+        assert not list(private.glob("msr-rank*"))

@@ -38,7 +38,9 @@ from run_records import (
 import msr
 from experiments import redraw, synthetic
 from experiments.control import RunError
-from experiments.rundir import LOCK_NAME, claim_output
+from experiments.rundir import claim_output
+
+LOCK = ".lock"  # the lock file in --out (docs/running.md: DIR/.lock)
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -87,7 +89,7 @@ def test_of_many_simultaneous_starts_on_a_stale_lock_exactly_one_wins(tmp_path):
     for round_ in range(8):
         out = tmp_path / f"run{round_}"
         out.mkdir()
-        (out / LOCK_NAME).write_text(f"{_ended_pid()} {os.uname().nodename}\n")
+        (out / LOCK).write_text(f"{_ended_pid()} {os.uname().nodename}\n")
         rounds.append(out)
     start = time.time() + 3.0  # every process started and waiting by then
     claimers = [_claimers(out, 6, start, hold=1.0) for out in rounds]
@@ -97,7 +99,7 @@ def test_of_many_simultaneous_starts_on_a_stale_lock_exactly_one_wins(tmp_path):
         assert sum(line == "won" for line in said) == 1, (said, [err for _, err in outputs])
         refused = [line for line in said if line != "won"]
         assert all(line.startswith("refused:") and "is in use by" in line for line in refused)
-        assert not (out / LOCK_NAME).exists()  # the winner removed it at its end
+        assert not (out / LOCK).exists()  # the winner removed it at its end
 
 
 def test_a_live_lock_refuses_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path, capsys):
@@ -109,18 +111,18 @@ def test_a_live_lock_refuses_naming_its_holder_and_a_dead_ones_is_taken_over(tmp
         pass
     holder.kill()  # SIGKILL: no clean-up, the lock file stays
     holder.wait()
-    assert (out / LOCK_NAME).read_text().startswith(f"{holder.pid} on ")
+    assert (out / LOCK).read_text().startswith(f"{holder.pid} on ")
     with claim_output(out, resume=False, overwrite=False):
-        assert (out / LOCK_NAME).read_text().startswith(f"{os.getpid()} on ")
-    assert f"taking over the stale lock {out / LOCK_NAME} of process {holder.pid}" in (
+        assert (out / LOCK).read_text().startswith(f"{os.getpid()} on ")
+    assert f"taking over the stale lock {out / LOCK} of process {holder.pid}" in (
         capsys.readouterr().err
     )
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / LOCK).exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\x00\xfe", b"   \n"])
 def test_an_empty_or_unreadable_lock_is_taken_over_with_a_note(tmp_path, capsys, content):
-    (tmp_path / LOCK_NAME).write_bytes(content)
+    (tmp_path / LOCK).write_bytes(content)
     with claim_output(tmp_path, resume=False, overwrite=False):
         pass
     assert "empty or unreadable: its run ended before it could name itself" in (
@@ -137,8 +139,8 @@ def test_a_full_disk_at_start_is_one_error_and_leaves_no_lock(tmp_path, monkeypa
         full = pytest.raises(RunError, match=r"cannot write the lock file .*: the disk is full")
         with full, claim_output(tmp_path, resume=False, overwrite=False):
             pass
-    assert not (tmp_path / LOCK_NAME).exists()
-    (tmp_path / LOCK_NAME).write_bytes(b"")  # as a crash mid-write would leave it
+    assert not (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).write_bytes(b"")  # as a crash mid-write would leave it
     with claim_output(tmp_path, resume=False, overwrite=False):  # not wedged
         pass
     assert "taking over the lock" in capsys.readouterr().err
@@ -154,17 +156,17 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path
     precious.write_text("mine\n")
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").symlink_to(precious)
+    (out / LOCK).symlink_to(precious)
     with pytest.raises(RunError, match="is a symbolic link"):
         _claim(out)
-    assert precious.read_text() == "mine\n" and (out / ".lock").is_symlink()
+    assert precious.read_text() == "mine\n" and (out / LOCK).is_symlink()
 
 
 def test_a_dangling_lock_link_ends_the_start_within_seconds(tmp_path):
     """It spun at full CPU for over 600 s (O_EXCL saw the link, the plain open found nothing)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").symlink_to(tmp_path / "nowhere")
+    (out / LOCK).symlink_to(tmp_path / "nowhere")
     claim = "import sys; from pathlib import Path; from experiments.rundir import claim_output\n"
     claim += "with claim_output(Path(sys.argv[1]), False, False): pass"
     started = time.monotonic()
@@ -326,11 +328,15 @@ def test_outputs_follow_the_umask(tmp_path, umask):
 )
 def test_the_main_script_replaces_only_its_own_demo_directory(tmp_path, arguments, replaces):
     """scripts/main.sh can be run again (README's first command), but never passes --overwrite
-    to an --out the user chose, nor beside --resume."""
+    to an --out the user chose, nor beside --resume; its own demo run of the layout before job
+    folders, which --overwrite refuses, it removes first."""
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "main.sh").write_text((REPO_ROOT / "scripts" / "main.sh").read_text())
-    (scripts / "venv.sh").write_text("PY=echo\n")  # the driver's command line, printed
+    (scripts / "venv.sh").write_text(f"PY=echo; cd {tmp_path}\n")  # the command line, printed
+    old = tmp_path / "runs" / "synthetic-quick"  # its demo run, of the layout before job folders
+    old.mkdir(parents=True)
+    (old / "metrics.jsonl").write_text("")
     done = subprocess.run(
         ["bash", str(scripts / "main.sh"), *arguments], capture_output=True, text=True, check=True
     )
@@ -338,6 +344,7 @@ def test_the_main_script_replaces_only_its_own_demo_directory(tmp_path, argument
     assert command[:5] == ["-m", "experiments.synthetic", "--preset", "quick", "--out"]
     assert ("--overwrite" in command) == replaces
     assert command[len(command) - len(arguments) :] == list(arguments)  # passed on, last
+    assert old.exists() != replaces  # only the demo run it replaces is removed
 
 
 def test_a_tensorboard_link_to_nowhere_is_one_line(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO_ROOT
 
 from experiments import report
-from experiments.runfiles import write_results
+from experiments.rundir import write_results
 from msr.stats import compare_paired
 
 

@@ -43,8 +43,7 @@ from experiments.control import (
     WriteFailedError,
     run_cli,
 )
-from experiments.rundir import LOCK_NAME
-from experiments.runfiles import MetricsLog, atomic_write, read_results
+from experiments.rundir import MetricsLog, atomic_write, read_results
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -231,7 +230,7 @@ def test_a_disk_that_fills_midway_loses_nothing(tmp_path, monkeypatch, capsys, n
     [line] = errors_since(capsys)
     assert "the disk is full" in line
     left = files_in(out)
-    assert LOCK_NAME not in left and not [n for n in left if n.endswith(".tmp")]
+    assert ".lock" not in left and not [n for n in left if n.endswith(".tmp")]
     for file in left:  # each intact, verified
         if file.endswith("model.pt"):
             msr.saving.read(out / file)
