@@ -95,8 +95,9 @@ class Experiment:
         self, args: argparse.Namespace, cfg: RunConfig, device: torch.device
     ) -> dict[str, str] | None:
         """Check the inputs (e.g. load the data) before ``--out`` is touched (``RunError``);
-        the data the run reads, as {"path", "sha256"} (``msr.data.fingerprint``), recorded in
-        results.json and checked on ``--resume``; None for data drawn from the seed."""
+        the data the run reads, as {"path", "sha256"} (``msr.data.fingerprint``): results.json
+        records it, each job its fingerprint, which ``--resume`` checks; None for data drawn
+        from the seed."""
         return None
 
     def jobs(self, args: argparse.Namespace) -> list[Tags]:

@@ -77,7 +77,7 @@ def test_every_method_trains_through_the_cli_and_seeds_aggregate(tmp_path):
     methods = [m for m in few_shot.METHODS if m != "msr"]
     done = _run(
         "--methods", *methods, "--preset", "tiny", "--ways", "3", "--seeds", "0", "1",
-        "--augment", "none", "--out", tmp_path,
+        "--augment", "none", "--workers", "2", "--out", tmp_path,  # in job order all the same
     )  # fmt: skip
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["config"]["augment"] == "none"  # the ablation's queries, shown in the report
