@@ -246,7 +246,6 @@ class FewShot(Experiment):
     """Table 3: Conv-4 learners on augmented few-shot episodes."""
 
     name = "few_shot"
-    description = __doc__.split("\n")[0]
     presets = FEW_SHOT["omniglot"]
     default_preset = "cpu"
     metric = ACCURACY

@@ -136,7 +136,6 @@ class Rotation(Experiment):
     """Table 2: one lifting convolution per method, on C8 / D8 (or C4 / D4) tasks."""
 
     name = "rotation"
-    description = __doc__.split("\n")[0]
     presets = ROTATION
     proposed = "MSR-Conv"
 

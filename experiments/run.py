@@ -23,6 +23,7 @@ import functools
 import math
 import multiprocessing
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
@@ -76,12 +77,16 @@ class Experiment:
     """Which data, which model and which metrics: one subclass per table (see the module)."""
 
     name: str  # experiments.<name>, and the "driver" of its model files
-    description: str
     presets: Mapping[str, RunConfig]
     default_preset = "quick"
     metric = report.MSE  # what its jobs are scored by
     proposed: str | None = None  # the method the others are compared with over seeds
     figure = "U.png"  # the name of a job's figure in its folder
+
+    @property
+    def description(self) -> str:
+        """What ``--help`` says first: the first line of the experiment's module docstring."""
+        return (sys.modules[type(self).__module__].__doc__ or self.name).split("\n")[0]
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The experiment's own flags (which methods, which data)."""

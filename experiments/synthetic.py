@@ -70,7 +70,6 @@ class Synthetic(Experiment):
     """Table 1: one 70 -> 68 linear layer per method, on 1-D tasks of rank k."""
 
     name = "synthetic"
-    description = __doc__.split("\n")[0]
     presets = SYNTHETIC
     proposed = "MSR-FC"
 
