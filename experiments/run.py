@@ -186,9 +186,7 @@ def run_jobs(
         if args.resume and (found := _finished(folder, ours)):
             entries[place] = found
 
-    def record(place: int, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        if entry is not None:
-            entries[place] = entry
+    def summarize() -> None:
         runs = [entries[i] for i in sorted(entries)]
         summary.update(
             runs=runs,
@@ -196,9 +194,12 @@ def run_jobs(
             wall_s=sum(run["wall_s"] for run in runs),  # the jobs' training, resumes included
         )
         write_results(args.out / "results.json", summary)
-        return summary
 
-    record(-1)  # a stop from here on can --resume
+    def record(place: int, entry: dict[str, Any]) -> None:
+        entries[place] = entry
+        summarize()
+
+    summarize()  # a stop from here on can --resume
     todo = [place for place in range(len(jobs)) if place not in entries]
     steps = [cfg.steps + experiment.tuning_steps(tags, cfg) for tags in jobs]
     with tqdm(
@@ -354,11 +355,14 @@ def training(
     seed: int,
     optimizer: torch.optim.Optimizer,
     first: int = 1,
-    **options: Any,
+    *,
+    what: str = "",
+    kept: str = "nothing of it is kept",
+    on_stop: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, float]]:
     """``outer_steps`` of ``plan.learner`` from step ``first`` to ``cfg.steps``, step ``s`` on
     ``plan.meta_batch`` of a stream keyed by (``seed``, ``s``), at the preset's cosine
-    schedule; ``options``: ``outer_steps``'s ``what``, ``kept`` and ``on_stop``."""
+    schedule (``what``, ``kept``, ``on_stop``: as ``outer_steps`` takes them)."""
     floor = cfg.outer_lr * cfg.final_lr_fraction
 
     def learning_rate(step: int) -> float:
@@ -369,8 +373,10 @@ def training(
         optimizer,
         lambda step: plan.meta_batch(keyed_generator(seed, step, plan.stream_device)),
         range(first, cfg.steps + 1),
+        what=what,
+        kept=kept,
         learning_rate=None if cfg.final_lr_fraction == 1 else learning_rate,
-        **{"what": "", "kept": "nothing of it is kept", **options},
+        on_stop=on_stop,
     )
 
 
@@ -488,7 +494,7 @@ def _run_in_processes(
     todo: Sequence[tuple[int, Tags]],
     run: Job,
     workers: int,
-    record: Callable[[int, dict[str, Any]], Any],
+    record: Callable[[int, dict[str, Any]], None],
     bar: tqdm,
     steps: Sequence[int],
 ) -> None:

@@ -337,13 +337,12 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A job's model file (``msr.saving.read``: loaded without running code, its checksum
     verified); a missing, unsafe, damaged or foreign file is a ``RunError`` naming it."""
     import msr.saving
-    from msr.saving import ModelFileError
 
     try:
         saved = msr.saving.read(path, map_location)
     except FileNotFoundError:
         raise RunError(f"{path} does not exist") from None
-    except ModelFileError as error:
+    except msr.saving.ModelFileError as error:
         raise RunError(str(error)) from None
     if missing := sorted(set(JOB_FIELDS) - set(saved["metadata"])):
         raise RunError(

@@ -123,7 +123,7 @@ def synthetic_here(in_process, capsys):
     ``CompletedProcess`` of its status and stderr."""
 
     def run(out, *more):
-        argv = ["--preset", "tiny", "--methods", "MSR-FC", "--k", "1", "--out", str(out), *more]
+        argv = [*SYNTHETIC_TINY, "--out", str(out), *more]
         status = driver_status(synthetic.main, "experiments.synthetic", argv)
         return subprocess.CompletedProcess(argv, status, "", capsys.readouterr().err)
 
